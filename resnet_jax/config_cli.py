@@ -1,0 +1,104 @@
+"""Load a config file and apply `--config.a.b=value` overrides, typed by the schema."""
+
+import ast
+import importlib.util
+import os
+
+import ml_collections
+
+from resnet_jax.config_schema import ConfigError, base_config, suggest, _flatten
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(
+      "resnet_jax_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # the file itself is broken: say which file and why
+    raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} defines no get_config()")
+  try:
+    config = module.get_config()
+  except Exception as e:
+    raise ConfigError(f"{path}: get_config() failed: {type(e).__name__}: {e}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+  return config
+
+
+def _parse_value(key: str, text: str, default):
+  """Parse `text` into the type of the schema's default for `key`."""
+  def fail(expected):
+    raise ConfigError(f"config key '{key}' must be {expected}, got {text!r}")
+
+  if isinstance(default, bool):
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    fail("a bool (true/false)")
+  if isinstance(default, int):
+    try:
+      return int(text)
+    except ValueError:
+      fail("an int")
+  if isinstance(default, float):
+    try:
+      return float(text)
+    except ValueError:
+      fail("a float")
+  if isinstance(default, (tuple, list)):
+    try:
+      value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
+    except (ValueError, SyntaxError):
+      fail("a tuple such as '30,60,90'")
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    elem = type(default[0]) if default else None
+    if elem is float and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                             for v in value):
+      return tuple(float(v) for v in value)
+    if elem is not None and not all(isinstance(v, elem) for v in value):
+      fail(f"a tuple of {elem.__name__}")
+    return tuple(value)
+  return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+  schema = _flatten(base_config())
+  for key, text in overrides.items():
+    if key not in schema:
+      raise ConfigError(f"unknown config key '{key}'{suggest(key, schema)}")
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    node[leaf] = _parse_value(key, text, schema[key])
+
+
+def parse_args(argv: list[str]) -> tuple[str, dict[str, str], dict[str, str]]:
+  """Split argv into (config path, {config overrides}, {other flags})."""
+  config_path, overrides, flags = None, {}, {}
+  for arg in argv:
+    if not arg.startswith("--") or "=" not in arg:
+      raise ConfigError(f"cannot parse argument {arg!r}; expected --config=FILE, "
+                        "--config.key=value or --workdir=DIR")
+    name, value = arg[2:].split("=", 1)
+    if name == "config":
+      config_path = value
+    elif name.startswith("config."):
+      overrides[name[len("config."):]] = value
+    elif name in ("workdir",):
+      flags[name] = value
+    else:
+      raise ConfigError(f"unknown flag --{name}; expected --config, --config.KEY or --workdir")
+  if config_path is None:
+    raise ConfigError("missing --config=FILE")
+  return config_path, overrides, flags

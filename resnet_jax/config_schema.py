@@ -1,0 +1,171 @@
+"""Every config key, its type and its neutral default; and the checks run before training.
+
+Experiment files in `configs/` start from `base_config()` and set what the experiment is
+about. Anything they add that is not declared here is a typo and is reported as such,
+whether it came from the file or from a `--config.key=value` override.
+"""
+
+import difflib
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config problem; its message is the single line shown to the user."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet20"
+  c.model.dtype = "float32"           # compute dtype; params and BN statistics stay fp32
+  c.model.zero_init_last_bn = False
+  c.model.bn_momentum = 0.9
+  c.model.bn_epsilon = 1e-5
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "sklearn_digits"   # a key of resnet_jax.data.datasets.DATASETS
+  c.data.data_dir = ""                # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.manual_dir = ""              # files TFDS prepares from instead of downloading
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.batch_size = 128             # global, over all devices and processes
+  c.data.eval_batch_size = 0          # 0 -> batch_size
+  c.data.shuffle_buffer = 0           # 0 -> the whole (per-process) train split
+  c.data.cache = True                 # keep decoded examples in memory (small datasets)
+  c.data.prefetch = 2                 # batches prepared ahead on the host
+  c.data.crop_padding = 0             # train: pad by this many pixels, random-crop back
+  c.data.random_flip = False          # train: random left-right flip
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 0.1     # peak learning rate
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 1e-4     # L2 on conv/dense kernels only (not BN, not biases)
+  c.optimizer.label_smoothing = 0.0
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "cosine"          # cosine | step | constant
+  c.schedule.warmup_epochs = 0.0
+  c.schedule.decay_epochs = (0.0,)    # step: epochs at which lr *= decay_factor
+  c.schedule.decay_factor = 0.1
+
+  c.num_epochs = 1.0
+  c.num_train_steps = -1              # > 0 overrides num_epochs
+  c.stop_after_steps = -1             # > 0: save and exit at this step (resume later)
+  c.eval_every_epochs = 1.0
+  c.log_every_steps = 50
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                    # devices on the data axis; -1 = all
+  return c
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "schedule.name": ("cosine", "step", "constant"),
+}
+
+
+def _flatten(cfg, prefix=""):
+  out = {}
+  for key, value in cfg.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def _type_name(value):
+  return type(value).__name__
+
+
+def _same_type(default, value) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(default, bool) and isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def suggest(key: str, known) -> str:
+  close = difflib.get_close_matches(key, list(known), n=1)
+  return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
+  """Unknown keys and wrong types, against `base_config()`."""
+  schema = _flatten(base_config())
+  for key, value in _flatten(config).items():
+    if key not in schema:
+      raise ConfigError(f"unknown config key '{key}'{suggest(key, schema)}")
+    if not _same_type(schema[key], value):
+      raise ConfigError(f"config key '{key}' must be {_type_name(schema[key])}, "
+                        f"got {_type_name(value)} {value!r}")
+
+
+def check_values(config, *, num_devices: int, num_processes: int) -> None:
+  """Values that cannot work: raise ConfigError naming the key and what was expected."""
+  from resnet_jax import models
+  from resnet_jax.data import datasets
+
+  def need(ok, key, expected):
+    if not ok:
+      value = config
+      for part in key.split("."):
+        value = value[part]
+      raise ConfigError(f"config key '{key}'={value!r}: expected {expected}")
+
+  for key, choices in _CHOICES.items():
+    section, name = key.split(".")
+    need(config[section][name] in choices, key, f"one of {', '.join(choices)}")
+  need(config.model.name in models.MODEL_SPECS, "model.name",
+       f"a model name{suggest(config.model.name, models.MODEL_SPECS)}; "
+       "see resnet_jax.models.list_models()")
+  need(config.data.dataset in datasets.DATASETS, "data.dataset",
+       f"one of {', '.join(sorted(datasets.DATASETS))}")
+
+  mesh_data = num_devices if config.mesh.data == -1 else config.mesh.data
+  need(mesh_data == num_devices, "mesh.data",
+       f"-1 or the number of devices ({num_devices})")
+  for key in ("data.batch_size", "data.eval_batch_size"):
+    section, name = key.split(".")
+    batch = config[section][name]
+    if key == "data.eval_batch_size" and batch == 0:
+      continue
+    need(batch > 0, key, "a positive batch size")
+    need(batch % num_devices == 0, key,
+         f"a multiple of the device count ({num_devices}), since the global batch is split "
+         "evenly over the data axis")
+    need(batch % num_processes == 0, key, f"a multiple of the process count ({num_processes})")
+
+  need(config.num_epochs > 0 or config.num_train_steps > 0, "num_epochs",
+       "> 0 (or num_train_steps > 0)")
+  need(config.optimizer.learning_rate >= 0, "optimizer.learning_rate", ">= 0")
+  need(0 <= config.optimizer.momentum < 1, "optimizer.momentum", "in [0, 1)")
+  need(config.optimizer.weight_decay >= 0, "optimizer.weight_decay", ">= 0")
+  need(0 <= config.optimizer.label_smoothing < 1, "optimizer.label_smoothing", "in [0, 1)")
+  need(config.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", ">= 0")
+  need(0 < config.schedule.decay_factor <= 1, "schedule.decay_factor", "in (0, 1]")
+  need(list(config.schedule.decay_epochs) == sorted(config.schedule.decay_epochs),
+       "schedule.decay_epochs", "increasing epochs")
+  need(0 < config.model.bn_momentum < 1, "model.bn_momentum", "in (0, 1)")
+  need(config.model.bn_epsilon > 0, "model.bn_epsilon", "> 0")
+  need(config.data.crop_padding >= 0, "data.crop_padding", ">= 0")
+  need(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0 (0 = whole split)")
+  need(config.data.prefetch >= 0, "data.prefetch", ">= 0")
+  need(config.eval_every_epochs > 0, "eval_every_epochs", "> 0")
+  need(config.log_every_steps > 0, "log_every_steps", "> 0")
+  need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "> 0")
+  need(config.checkpoint.keep > 0, "checkpoint.keep", "> 0")

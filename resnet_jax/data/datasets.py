@@ -1,0 +1,57 @@
+"""Which datasets we know, and how to get a prepared TFDS builder for one."""
+
+import dataclasses
+import os
+
+import tensorflow_datasets as tfds
+
+from resnet_jax.config_schema import ConfigError
+from resnet_jax.data import sklearn_digits  # noqa: F401  (registers the builder)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  tfds_name: str
+  # Per-channel normalisation in 0..255 units, applied on device.
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  # Whether TFDS can prepare it with no manual files and no network.
+  offline: bool = False
+
+
+DATASETS = {
+    "sklearn_digits": DatasetSpec("sklearn_digits", mean=(78.0,), std=(96.0,), offline=True),
+    "mnist": DatasetSpec("mnist", mean=(33.3,), std=(78.6,)),
+    "fashion_mnist": DatasetSpec("fashion_mnist", mean=(72.9,), std=(90.0,)),
+    "cifar10": DatasetSpec("cifar10", mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7)),
+    "cifar100": DatasetSpec("cifar100", mean=(129.3, 124.1, 112.4), std=(68.2, 65.4, 70.4)),
+}
+
+
+def resolve_data_dir(data_dir: str) -> str:
+  if data_dir:
+    return os.path.expanduser(data_dir)
+  return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+def prepare_builder(data_cfg) -> tfds.core.DatasetBuilder:
+  """The dataset's TFDS builder, prepared in data_dir (from manual_dir files if given)."""
+  spec = DATASETS[data_cfg.dataset]
+  data_dir = resolve_data_dir(data_cfg.data_dir)
+  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  manual_dir = os.path.expanduser(data_cfg.manual_dir) if data_cfg.manual_dir else None
+  if manual_dir is not None and not os.path.isdir(manual_dir):
+    raise ConfigError(f"config key 'data.manual_dir': directory {manual_dir} does not exist")
+  if manual_dir is None and not spec.offline:
+    raise ConfigError(
+        f"dataset '{data_cfg.dataset}' is not prepared in {data_dir} and no "
+        "data.manual_dir was given to prepare it from (this machine cannot download)")
+  try:
+    os.makedirs(data_dir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"config key 'data.data_dir': cannot create {data_dir}: {e}") from e
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  builder.download_and_prepare(download_config=download_config)
+  return builder

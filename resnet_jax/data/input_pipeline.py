@@ -1,0 +1,117 @@
+"""TFDS -> tf.data -> per-process numpy batches.
+
+Train: the stream is a pure function of (seed, step). Epoch e is the process's shard,
+shuffled with seed (seed, e); example i of epoch e is augmented with the stateless seed
+(seed, e, i). So resuming at step k rebuilds exactly the batches an uninterrupted run
+would have seen from step k on: no iterator state needs saving.
+
+Eval: every example of the process's shard exactly once, the last batch padded with
+masked-out examples; all processes yield the same number of batches.
+"""
+
+import dataclasses
+import math
+from typing import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# tf.data only runs on the host; keep TensorFlow off any accelerator jax owns.
+tf.config.set_visible_devices([], "GPU")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+  read_split: object           # what to pass to builder.as_dataset for this process
+  num_examples: int            # in this process's shard
+  num_examples_total: int      # in the whole split, over all processes
+
+
+def process_split(builder, split: str, *, drop_remainder: bool,
+                  process_index: int | None = None, process_count: int | None = None
+                  ) -> SplitInfo:
+  """This process's even share of `split` (equal sizes when drop_remainder)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if split not in builder.info.splits:
+    raise KeyError(f"split {split!r} not in dataset {builder.info.name} "
+                   f"(has: {', '.join(builder.info.splits)})")
+  total = builder.info.splits[split].num_examples
+  shard = tfds.even_splits(split, n=process_count,
+                           drop_remainder=drop_remainder)[process_index]
+  return SplitInfo(shard, builder.info.splits[shard].num_examples, total)
+
+
+def _decoded(builder, split_info: SplitInfo, cache: bool) -> tf.data.Dataset:
+  ds = builder.as_dataset(split=split_info.read_split, shuffle_files=False,
+                          read_config=tfds.ReadConfig(add_tfds_id=False))
+  ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.cache() if cache else ds
+
+
+def _augment(example, seed, crop_padding: int, random_flip: bool):
+  image = example["image"]
+  if crop_padding:
+    h, w, c = image.shape
+    image = tf.pad(image, [[crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]])
+    image = tf.image.stateless_random_crop(image, (h, w, c), seed=seed)
+  if random_flip:
+    flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  return {"image": image, "label": example["label"]}
+
+
+def train_batches(builder, data_cfg, *, seed: int, batch_size: int, start_step: int,
+                  split_info: SplitInfo) -> Iterator[dict[str, np.ndarray]]:
+  """Endless per-process train batches, starting with the batch of global step start_step."""
+  steps_per_epoch = split_info.num_examples // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"per-process batch {batch_size} is larger than this process's "
+                     f"{split_info.num_examples} train examples")
+  base = _decoded(builder, split_info, data_cfg.cache)
+  buffer = data_cfg.shuffle_buffer or split_info.num_examples
+  examples_per_epoch = steps_per_epoch * batch_size
+
+  def epoch_dataset(epoch, skip_examples=0):
+    epoch = tf.cast(epoch, tf.int64)
+    ds = base.shuffle(buffer, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
+    ds = ds.take(examples_per_epoch).enumerate().skip(skip_examples)
+    def augment(index, example):
+      example_seed = tf.stack([tf.cast(seed, tf.int64) * 65_537 + epoch, index])
+      return _augment(example, example_seed, data_cfg.crop_padding, data_cfg.random_flip)
+    return ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+
+  start_epoch, offset = divmod(start_step, steps_per_epoch)
+  first = epoch_dataset(start_epoch, offset * batch_size)
+  rest = tf.data.Dataset.range(start_epoch + 1, 2**62).flat_map(epoch_dataset)
+  ds = first.concatenate(rest).batch(batch_size, drop_remainder=True)
+  ds = ds.prefetch(data_cfg.prefetch or tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = ds.with_options(options)
+  return ds.as_numpy_iterator()
+
+
+def eval_batches(builder, data_cfg, *, batch_size: int, split_info: SplitInfo,
+                 num_batches: int, dataset_cache: dict) -> Iterator[dict[str, np.ndarray]]:
+  """`num_batches` per-process batches with a `mask`; padding examples have mask 0."""
+  key = (split_info.read_split, batch_size)
+  if key not in dataset_cache:  # build (and cache in memory) once per run
+    ds = _decoded(builder, split_info, data_cfg.cache)
+    ds = ds.map(lambda ex: dict(ex, mask=tf.constant(True)))
+    pad = num_batches * batch_size - split_info.num_examples
+    element = ds.element_spec
+    padding = tf.data.Dataset.from_tensors(
+        {k: tf.zeros(v.shape, v.dtype) for k, v in element.items()}).repeat(pad)
+    ds = ds.concatenate(padding).batch(batch_size, drop_remainder=True)
+    dataset_cache[key] = ds.prefetch(data_cfg.prefetch or tf.data.AUTOTUNE)
+  return dataset_cache[key].as_numpy_iterator()
+
+
+def num_eval_batches(split_total: int, process_count: int, batch_size: int) -> int:
+  """Batches every process runs so the largest shard fits (shards differ by at most 1)."""
+  largest_shard = math.ceil(split_total / process_count)
+  return math.ceil(largest_shard / batch_size)

@@ -1,0 +1,57 @@
+"""Command line: `python -m resnet_jax --config=configs/x.py [--config.key=value] [--workdir=DIR]`.
+
+Thin on purpose: parsing and checking here, everything else in importable modules.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter off stdout
+
+from resnet_jax.config_cli import apply_overrides, load_config_file, parse_args  # noqa: E402
+from resnet_jax.config_schema import ConfigError, check_keys_and_types, check_values  # noqa: E402
+
+
+def default_workdir(config_path: str) -> str:
+  return os.path.join("experiments", "runs", os.path.splitext(os.path.basename(config_path))[0])
+
+
+def check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from e
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    config_path, overrides, flags = parse_args(argv)
+    config = load_config_file(config_path)
+    apply_overrides(config, overrides)
+    check_keys_and_types(config)
+    import jax  # after the cheap checks, so a typo fails fast
+    check_values(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+    workdir = flags.get("workdir") or default_workdir(config_path)
+    check_workdir(workdir)
+    from resnet_jax.training import trainer
+    result = trainer.train_and_evaluate(config, workdir)
+  except ConfigError as e:
+    print(f"resnet_jax: error: {e}", file=sys.stderr)
+    return 2
+  if result.get("stopped"):
+    return 0
+  if jax.process_index() == 0:
+    top5 = next((f", {k}={v:.4f}" for k, v in result.items() if k.startswith("top") and
+                 k != "top1"), "")
+    print(f"final test accuracy: top1={result['top1']:.4f}{top5} "
+          f"({result['examples']:.0f} examples, step {result['step']}); workdir {workdir}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,100 @@
+"""Residual blocks. A block receives its conv/norm/act as ready-made partials, so the body
+only says how layers are wired; the same body serves every depth and flavour."""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+# Shortcut kinds:
+#   "projection": 1x1 conv + BN when the shape changes, identity otherwise (paper option B,
+#                 torchvision).
+#   "zero_pad":   parameter-free: subsample spatially and zero-pad the new channels
+#                 (paper option A, the CIFAR nets of He et al. 2015, Table 6).
+#   "none":       no shortcut at all -- the "plain" network of the paper's Fig. 4/6.
+SHORTCUTS = ("projection", "zero_pad", "none")
+
+
+def _zero_pad_shortcut(x, out_channels: int, strides: int):
+  if strides > 1:
+    x = x[:, ::strides, ::strides, :]
+  extra = out_channels - x.shape[-1]
+  if extra > 0:
+    # Split the padding on both sides as in the reference CIFAR implementations.
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+  return x
+
+
+def _last_bn_scale_init(zero: bool):
+  # Starting the branch's last BN scale at zero makes every block the identity at init
+  # (Goyal et al. 2017), which helps very deep nets and large batches.
+  return nn.initializers.zeros if zero else nn.initializers.ones
+
+
+class Shortcut(nn.Module):
+  """The identity path of a residual block, matched to the branch's output shape."""
+  out_channels: int
+  strides: int
+  kind: str
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x):
+    needs_change = self.strides != 1 or x.shape[-1] != self.out_channels
+    if not needs_change:
+      return x
+    if self.kind == "zero_pad":
+      return _zero_pad_shortcut(x, self.out_channels, self.strides)
+    x = self.conv(self.out_channels, (1, 1), (self.strides, self.strides), name="conv")(x)
+    return self.norm(name="bn")(x)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34 and the CIFAR nets)."""
+  filters: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable
+  shortcut: str = "projection"
+  zero_init_last_bn: bool = False
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
+    y = self.act(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), name="conv2")(y)
+    y = self.norm(name="bn2", scale_init=_last_bn_scale_init(self.zero_init_last_bn))(y)
+    if self.shortcut == "none":
+      return self.act(y)
+    return self.act(y + Shortcut(self.filters, self.strides, self.shortcut, self.conv,
+                                 self.norm, name="shortcut")(x))
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 reduce, 3x3, 1x1 expand (x4). v1.5: the stride sits in the 3x3 conv (torchvision)."""
+  filters: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable
+  shortcut: str = "projection"
+  zero_init_last_bn: bool = False
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.conv(self.filters, (1, 1), name="conv1")(x)
+    y = self.act(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv2")(y)
+    y = self.act(self.norm(name="bn2")(y))
+    y = self.conv(self.filters * self.expansion, (1, 1), name="conv3")(y)
+    y = self.norm(name="bn3", scale_init=_last_bn_scale_init(self.zero_init_last_bn))(y)
+    if self.shortcut == "none":
+      return self.act(y)
+    return self.act(y + Shortcut(self.filters * self.expansion, self.strides, self.shortcut,
+                                 self.conv, self.norm, name="shortcut")(x))

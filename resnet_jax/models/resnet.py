@@ -1,0 +1,76 @@
+"""One parametric ResNet. Every named depth is a row in `registry.py`, not a class."""
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from resnet_jax.models import blocks
+
+# He et al. initialise convs with fan-out normal (as torchvision does).
+CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _symmetric_padding(kernel_size):
+  # Torch-style k//2 padding on both sides. 'SAME' would pad (0, 1) for stride 2 on even
+  # inputs and shift every feature map by half a pixel relative to torchvision.
+  return [(k // 2, k // 2) for k in kernel_size]
+
+
+class ResNet(nn.Module):
+  """Stem -> stages of residual blocks -> global average pool -> linear classifier.
+
+  stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "cifar" (one 3x3 conv, no pool).
+  """
+  stage_sizes: Sequence[int]
+  stage_widths: Sequence[int]
+  block: str                      # "basic" | "bottleneck"
+  num_classes: int
+  stem: str = "imagenet"
+  stem_width: int = 64
+  shortcut: str = "projection"
+  zero_init_last_bn: bool = False
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    def conv(features, kernel_size, strides=(1, 1), name=None):
+      return nn.Conv(features, kernel_size, strides, padding=_symmetric_padding(kernel_size),
+                     use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name=name)
+
+    # BN statistics are computed over whatever batch the caller passes; under jit with a
+    # batch sharded over the mesh that is the *global* batch (XLA inserts the all-reduce).
+    # BN itself runs in fp32 for stability even when `dtype` is bf16.
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             dtype=jnp.float32, param_dtype=self.param_dtype)
+    block_cls = {"basic": blocks.BasicBlock, "bottleneck": blocks.BottleneckBlock}[self.block]
+
+    x = x.astype(self.dtype)
+    if self.stem == "imagenet":
+      x = conv(self.stem_width, (7, 7), (2, 2), name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    elif self.stem == "cifar":
+      x = conv(self.stem_width, (3, 3), name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+    else:
+      raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet' or 'cifar'")
+
+    for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+      for j in range(num_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = block_cls(width, strides, conv=conv, norm=norm, act=nn.relu,
+                      shortcut=self.shortcut, zero_init_last_bn=self.zero_init_last_bn,
+                      name=f"stage{i + 1}_block{j + 1}")(x)
+
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="head")(x)
+    # Logits leave the model in fp32 so the loss and softmax never run in bf16.
+    return x.astype(jnp.float32)

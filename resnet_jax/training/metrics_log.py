@@ -1,0 +1,65 @@
+"""Metrics to stdout, to TensorBoard event files, and a progress bar -- process 0 only."""
+
+import os
+import sys
+import time
+
+import jax
+import tqdm
+
+
+def _fmt(value):
+  if isinstance(value, float):
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+  return str(value)
+
+
+class MetricsLog:
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int):
+    self.enabled = jax.process_index() == 0
+    self._writer = None
+    self._bar = None
+    if not self.enabled:
+      return
+    import tensorflow as tf  # the TensorBoard writer; tf is already imported for tf.data
+    self._tf = tf
+    self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    # A live bar on a terminal; in logs (CI, SLURM) the periodic lines carry the ETA.
+    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                          dynamic_ncols=True, disable=not sys.stderr.isatty(), leave=False)
+    self._t0, self._s0, self._total = time.time(), start_step, total_steps
+
+  def eta_seconds(self, step: int) -> float:
+    done = step - self._s0
+    return (time.time() - self._t0) / done * (self._total - step) if done > 0 else float("nan")
+
+  def advance(self, step: int, postfix: dict | None = None):
+    if self._bar is not None:
+      self._bar.n = step
+      if postfix:
+        self._bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+      self._bar.refresh()
+
+  def write(self, step: int, prefix: str, scalars: dict):
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    line = f"[{prefix} step {step}] " + ", ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
+    if prefix == "train":
+      eta = self.eta_seconds(step)
+      if eta == eta:  # not nan
+        line += f", eta={eta:.0f}s"
+    if self._bar is not None and not self._bar.disable:
+      self._bar.write(line)
+    else:
+      print(line, flush=True)
+    with self._writer.as_default(step=step):
+      for k, v in scalars.items():
+        self._tf.summary.scalar(f"{prefix}/{k}", v)
+    self._writer.flush()
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+    if self._writer is not None:
+      self._writer.close()

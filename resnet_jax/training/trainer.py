@@ -1,0 +1,168 @@
+"""train_and_evaluate: config -> TFDS -> sharded jit steps -> Orbax -> metrics."""
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from resnet_jax import models
+from resnet_jax.data import datasets, input_pipeline
+from resnet_jax.training import checkpoints, mesh as mesh_lib, optimizer, state as state_lib
+from resnet_jax.training import steps
+from resnet_jax.training.metrics_log import MetricsLog
+
+
+def _log(msg: str):
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def run_eval(eval_step, state, mesh, builder, data_cfg, split_info, *, batch_size: int,
+             num_batches: int, cache: dict) -> dict[str, float]:
+  totals = None
+  for local in input_pipeline.eval_batches(builder, data_cfg, batch_size=batch_size,
+                                           split_info=split_info, num_batches=num_batches,
+                                           dataset_cache=cache):
+    sums = eval_step(state, mesh_lib.global_batch(local, mesh))
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals.pop("count"))
+  if int(count) != split_info.num_examples_total:
+    raise RuntimeError(f"eval saw {count:.0f} examples, split has "
+                       f"{split_info.num_examples_total}")
+  out = {"loss": float(totals.pop("loss_sum")) / count}
+  for key, value in totals.items():
+    out[key.replace("_correct", "")] = float(value) / count
+  out["examples"] = count
+  return out
+
+
+def write_config(config, workdir: str):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Train `config` in `workdir` (resuming if it holds checkpoints); return final eval."""
+  os.makedirs(workdir, exist_ok=True)
+  write_config(config, workdir)
+  data_cfg = config.data
+  mesh = mesh_lib.create_mesh()
+  nproc = jax.process_count()
+
+  builder = datasets.prepare_builder(data_cfg)
+  spec = datasets.DATASETS[data_cfg.dataset]
+  num_classes = builder.info.features["label"].num_classes
+  image_shape = tuple(builder.info.features["image"].shape)
+
+  train_split = input_pipeline.process_split(builder, data_cfg.train_split, drop_remainder=True)
+  eval_split = input_pipeline.process_split(builder, data_cfg.eval_split, drop_remainder=False)
+  batch = data_cfg.batch_size
+  eval_batch = data_cfg.eval_batch_size or batch
+  steps_per_epoch = train_split.num_examples // (batch // nproc)
+  if steps_per_epoch == 0:
+    raise ValueError(f"config key 'data.batch_size'={batch}: larger than the "
+                     f"{train_split.num_examples_total} train examples")
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
+  num_eval_batches = input_pipeline.num_eval_batches(eval_split.num_examples_total, nproc,
+                                                     eval_batch // nproc)
+
+  model = models.create(config.model.name, num_classes=num_classes, dtype=config.model.dtype,
+                        zero_init_last_bn=config.model.zero_init_last_bn,
+                        bn_momentum=config.model.bn_momentum,
+                        bn_epsilon=config.model.bn_epsilon)
+  schedule = optimizer.create_schedule(config.optimizer, config.schedule,
+                                       steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  tx = optimizer.create_optimizer(config.optimizer, schedule)
+
+  # Abstract state first: it gives the shardings, the jitted init and the restore target.
+  init_fn = state_lib.make_init_fn(model, tx, (1,) + image_shape, config.seed)
+  abstract_state = jax.eval_shape(init_fn)
+  state_sharding = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state)
+  ckpts = checkpoints.Checkpoints(workdir, config.checkpoint)
+  start_step = ckpts.latest_step()
+  if start_step is not None:
+    state = ckpts.restore(start_step, checkpoints.abstract_with_shardings(abstract_state,
+                                                                          state_sharding))
+    _log(f"resumed from {ckpts.directory} at step {start_step}")
+  else:
+    start_step = 0
+    state = jax.jit(init_fn, out_shardings=state_sharding)()
+  _log(f"model {config.model.name}: {state_lib.count_params(state.params):,} params; "
+       f"{config.data.dataset}: {train_split.num_examples_total} train / "
+       f"{eval_split.num_examples_total} eval examples; {jax.device_count()} devices on "
+       f"{nproc} process(es); {steps_per_epoch} steps/epoch, {total_steps} steps")
+
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  replicated = mesh_lib.replicated(mesh)
+  train_step = jax.jit(
+      steps.make_train_step(model, tx, schedule, num_classes=num_classes,
+                            label_smoothing=config.optimizer.label_smoothing,
+                            mean=spec.mean, std=spec.std),
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,))
+  eval_step = jax.jit(steps.make_eval_step(model, num_classes=num_classes, mean=spec.mean,
+                                           std=spec.std),
+                      in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
+  eval_cache: dict = {}
+
+  def evaluate(step):
+    result = run_eval(eval_step, state, mesh, builder, data_cfg, eval_split,
+                      batch_size=eval_batch // nproc, num_batches=num_eval_batches,
+                      cache=eval_cache)
+    log.write(step, "eval", result)
+    return result
+
+  stop_at = total_steps
+  if config.stop_after_steps > 0:
+    stop_at = min(total_steps, config.stop_after_steps)
+  log = MetricsLog(workdir, total_steps=total_steps, start_step=start_step)
+  result = None
+  try:
+    train_iter = input_pipeline.train_batches(builder, data_cfg, seed=config.seed,
+                                              batch_size=batch // nproc, start_step=start_step,
+                                              split_info=train_split)
+    pending = None  # metrics of the previous step, fetched one step late
+    t_last, s_last = time.time(), start_step
+    for step in range(start_step, stop_at):
+      state, metrics = train_step(state, mesh_lib.global_batch(next(train_iter), mesh))
+      if pending is not None:
+        prev_step, prev = pending
+        prev = jax.device_get(prev)
+        if not all(np.isfinite(v) for v in prev.values()):
+          raise FloatingPointError(f"non-finite train metrics at step {prev_step}: {prev}")
+        log.advance(prev_step, {"loss": float(prev["loss"])})
+        if prev_step % config.log_every_steps == 0:
+          now = time.time()
+          prev["images_per_sec"] = (prev_step - s_last) * batch / max(now - t_last, 1e-9)
+          t_last, s_last = now, prev_step
+          log.write(prev_step, "train", prev)
+      pending = (step + 1, metrics)
+      ckpts.save(step + 1, state)
+      if (step + 1) % eval_every == 0 and step + 1 < total_steps:
+        evaluate(step + 1)
+    if pending is not None:
+      log.advance(pending[0])
+      log.write(pending[0], "train", jax.device_get(pending[1]))
+    final_step = int(jax.device_get(state.step))
+    if ckpts.latest_step() != final_step:
+      ckpts.save(final_step, state, force=True)
+    if final_step < total_steps:
+      _log(f"stopped at step {final_step} of {total_steps} (stop_after_steps); "
+           "run the same command again to resume")
+      return {"step": final_step, "stopped": True}
+    result = evaluate(final_step)
+  finally:
+    ckpts.close()
+    log.close()
+  result = dict(result, step=final_step)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  return result
