@@ -24,6 +24,10 @@ class Checkpoints:
     """Restore into `abstract_state` (ShapeDtypeStructs carrying the target shardings)."""
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+  def read(self, step: int):
+    """The saved state as a plain pytree (no target needed), e.g. for inspection."""
+    return self.manager.restore(step, args=ocp.args.StandardRestore())
+
   def save(self, step: int, state, *, force: bool = False) -> bool:
     """Async save if `step` is on the interval (or forced); returns whether one started."""
     return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)

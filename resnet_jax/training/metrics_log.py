@@ -1,5 +1,6 @@
-"""Metrics to stdout, to TensorBoard event files, and a progress bar -- process 0 only."""
+"""Metrics to stdout, TensorBoard event files, metrics.jsonl and a progress bar (process 0)."""
 
+import json
 import os
 import sys
 import time
@@ -24,6 +25,8 @@ class MetricsLog:
     import tensorflow as tf  # the TensorBoard writer; tf is already imported for tf.data
     self._tf = tf
     self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    # One JSON object per line: easy to plot and to assert on in tests.
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     # A live bar on a terminal; in logs (CI, SLURM) the periodic lines carry the ETA.
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                           dynamic_ncols=True, disable=not sys.stderr.isatty(), leave=False)
@@ -53,6 +56,8 @@ class MetricsLog:
       self._bar.write(line)
     else:
       print(line, flush=True)
+    self._jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+    self._jsonl.flush()
     with self._writer.as_default(step=step):
       for k, v in scalars.items():
         self._tf.summary.scalar(f"{prefix}/{k}", v)
@@ -63,3 +68,4 @@ class MetricsLog:
       self._bar.close()
     if self._writer is not None:
       self._writer.close()
+      self._jsonl.close()

@@ -36,7 +36,7 @@ def make_train_step(model, tx, schedule, *, num_classes: int, label_smoothing: f
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         "learning_rate": schedule(state.step),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# resnet_jax launcher.
+#   ./launch.sh                          train the default experiment (configs/digits_resnet20.py)
+#   ./launch.sh CONFIG [--config.k=v ...] [--workdir=DIR]   train any config file
+#   ./launch.sh test [PYTEST_ARGS ...]   run the test suite
+#   ./launch.sh setup                    only create/refresh the environment
+# The project environment (.venv beside this script, or $RESNET_JAX_VENV) is created on first
+# use and refreshed whenever pyproject.toml changes.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${RESNET_JAX_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+DEFAULT_CONFIG="$ROOT/configs/digits_resnet20.py"
+
+setup_env() {
+  local stamp="$VENV/.resnet_jax-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+  [ -f "$stamp" ] && return 0
+  echo "launch.sh: setting up $VENV (first use; takes a few minutes) ..." >&2
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV" || { echo "launch.sh: error: '$PYTHON -m venv' failed" >&2; exit 1; }
+  fi
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]" \
+    || { echo "launch.sh: error: installing resnet_jax into $VENV failed (see pip output above)" >&2; exit 1; }
+  rm -f "$VENV"/.resnet_jax-*
+  touch "$stamp"
+}
+
+# Quiet TensorFlow's C++ logging (it is only used for tf.data and TensorBoard files).
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+
+case "${1:-}" in
+  -h|--help)
+    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    ;;
+  setup)
+    setup_env
+    ;;
+  test)
+    shift
+    setup_env
+    cd "$ROOT"
+    exec "$VENV/bin/python" -m pytest tests "$@"
+    ;;
+  "")
+    setup_env
+    exec "$VENV/bin/python" -m resnet_jax --config="$DEFAULT_CONFIG"
+    ;;
+  --*)
+    # Only overrides given: apply them to the default experiment.
+    setup_env
+    exec "$VENV/bin/python" -m resnet_jax --config="$DEFAULT_CONFIG" "$@"
+    ;;
+  *)
+    config="$1"; shift
+    if [ ! -f "$config" ]; then
+      echo "launch.sh: error: config file '$config' not found (expected e.g. configs/digits_resnet20.py)" >&2
+      exit 2
+    fi
+    setup_env
+    exec "$VENV/bin/python" -m resnet_jax --config="$config" "$@"
+    ;;
+esac

@@ -1,0 +1,92 @@
+"""The pure steps: one train step moves params and BN stats; eval masks padding exactly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from resnet_jax import models
+from resnet_jax.config_schema import base_config
+from resnet_jax.training import optimizer, state as state_lib, steps
+
+MEAN, STD = (127.5,), (64.0,)
+
+
+def _setup(num_classes=10):
+  cfg = base_config()
+  model = models.create("resnet8", num_classes=num_classes)
+  schedule = optimizer.create_schedule(cfg.optimizer, cfg.schedule, steps_per_epoch=10,
+                                       total_steps=100)
+  tx = optimizer.create_optimizer(cfg.optimizer, schedule)
+  state = state_lib.make_init_fn(model, tx, (1, 8, 8, 1), seed=0)()
+  return cfg, model, schedule, tx, state
+
+
+def _batch(n=16, seed=0, num_classes=10):
+  rng = np.random.RandomState(seed)
+  return {"image": rng.randint(0, 256, (n, 8, 8, 1)).astype(np.uint8),
+          "label": rng.randint(0, num_classes, (n,)).astype(np.int32)}
+
+
+def test_train_step_changes_params_and_batch_stats():
+  cfg, model, schedule, tx, state = _setup()
+  train_step = jax.jit(steps.make_train_step(model, tx, schedule, num_classes=10,
+                                             label_smoothing=0.1, mean=MEAN, std=STD))
+  new_state, metrics = train_step(state, _batch())
+  assert int(new_state.step) == 1
+  assert np.isfinite(float(metrics["loss"]))
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new_state.params)
+  assert all(jax.tree.leaves(changed)), "every parameter should receive a gradient update"
+  stats_changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.batch_stats,
+                               new_state.batch_stats)
+  assert all(jax.tree.leaves(stats_changed)), "BN running statistics must be updated"
+
+
+def test_weight_decay_skips_batchnorm_and_biases():
+  _, _, _, _, state = _setup()
+  mask = optimizer.decay_mask(state.params)
+  flat = {"/".join(k.key for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  assert flat["head/kernel"] and not flat["head/bias"]
+  assert flat["stem_conv/kernel"] and not flat["stem_bn/scale"] and not flat["stem_bn/bias"]
+
+
+def test_label_smoothing_and_loss_value_at_uniform_logits():
+  # With zero logits the cross entropy is log(K) whatever the smoothing.
+  k = 10
+  targets = optax.smooth_labels(jax.nn.one_hot(jnp.array([3]), k), 0.1)
+  assert np.isclose(float(optax.softmax_cross_entropy(jnp.zeros((1, k)), targets)[0]),
+                    np.log(k), rtol=1e-6)
+
+
+def test_eval_step_counts_only_masked_in_examples():
+  _, model, _, _, state = _setup()
+  eval_step = jax.jit(steps.make_eval_step(model, num_classes=10, mean=MEAN, std=STD))
+  batch = _batch(8)
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                       steps.normalize(batch["image"], MEAN, STD), train=False)
+  mask = np.array([1, 1, 1, 1, 1, 0, 0, 0], bool)
+  out = jax.device_get(eval_step(state, dict(batch, mask=mask)))
+  pred = np.argmax(np.asarray(logits), -1)
+  assert out["count"] == 5
+  assert out["top1_correct"] == np.sum((pred == batch["label"])[:5])
+  top5 = np.argsort(-np.asarray(logits), -1)[:, :5]
+  assert out["top5_correct"] == sum(batch["label"][i] in top5[i] for i in range(5))
+
+
+def test_schedules_hit_their_landmarks():
+  cfg = base_config()
+  cfg.optimizer.learning_rate = 0.4
+  cfg.schedule.warmup_epochs = 1.0
+  cosine = optimizer.create_schedule(cfg.optimizer, cfg.schedule, steps_per_epoch=10,
+                                     total_steps=100)
+  assert float(cosine(0)) == 0.0 and np.isclose(float(cosine(10)), 0.4)
+  assert float(cosine(100)) < 1e-6
+  cfg.schedule.name = "step"
+  cfg.schedule.decay_epochs = (3.0, 6.0)
+  step = optimizer.create_schedule(cfg.optimizer, cfg.schedule, steps_per_epoch=10,
+                                   total_steps=100)
+  assert np.isclose(float(step(5)), 0.2)           # half-way through warmup
+  assert np.isclose(float(step(29)), 0.4)
+  assert np.isclose(float(step(30)), 0.04)          # boundaries are absolute steps
+  assert np.isclose(float(step(60)), 0.004)
