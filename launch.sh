@@ -20,7 +20,9 @@ setup_env() {
   if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV" || { echo "launch.sh: error: '$PYTHON -m venv' failed" >&2; exit 1; }
   fi
+  # (grep drops pip's notes about this machine's unused local index folders)
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) \
     || { echo "launch.sh: error: installing resnet_jax into $VENV failed (see pip output above)" >&2; exit 1; }
   rm -f "$VENV"/.resnet_jax-*
   touch "$stamp"

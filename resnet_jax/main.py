@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     top5 = next((f", {k}={v:.4f}" for k, v in result.items() if k.startswith("top") and
                  k != "top1"), "")
     print(f"final test accuracy: top1={result['top1']:.4f}{top5} "
-          f"({result['examples']:.0f} examples, step {result['step']}); workdir {workdir}")
+          f"({result['examples']:.0f} examples, step {result['step']}, "
+          f"{result['train_seconds']:.0f}s training); workdir {workdir}")
   return 0
 
 

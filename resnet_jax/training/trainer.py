@@ -129,7 +129,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                               batch_size=batch // nproc, start_step=start_step,
                                               split_info=train_split)
     pending = None  # metrics of the previous step, fetched one step late
-    t_last, s_last = time.time(), start_step
+    t_start = t_last = time.time()
+    s_last = start_step
     for step in range(start_step, stop_at):
       state, metrics = train_step(state, mesh_lib.global_batch(next(train_iter), mesh))
       if pending is not None:
@@ -151,6 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       log.advance(pending[0])
       log.write(pending[0], "train", jax.device_get(pending[1]))
     final_step = int(jax.device_get(state.step))
+    train_seconds = time.time() - t_start  # includes compilation and in-loop evals
     if ckpts.latest_step() != final_step:
       ckpts.save(final_step, state, force=True)
     if final_step < total_steps:
@@ -161,7 +163,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   finally:
     ckpts.close()
     log.close()
-  result = dict(result, step=final_step)
+  result = dict(result, step=final_step, train_seconds=round(train_seconds, 1))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(result, f, indent=2)
