@@ -57,11 +57,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.stop_after_steps = -1             # > 0: save and exit at this step (resume later)
   c.eval_every_epochs = 1.0
   c.log_every_steps = 50
+  c.nan_policy = "stop"               # non-finite loss/grads/params: stop | skip (and count)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
+  c.checkpoint.best_metric = "top1"   # also keep the best save by this eval metric; "" = off
+  c.checkpoint.best_mode = "max"      # max | min
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                    # devices on the data axis; -1 = all
@@ -71,7 +74,16 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "schedule.name": ("cosine", "step", "constant"),
+    "nan_policy": ("stop", "skip"),
+    "checkpoint.best_mode": ("max", "min"),
+    "checkpoint.best_metric": ("", "top1", "top5", "loss"),
 }
+
+
+def _get(config, key):
+  for part in key.split("."):
+    config = config[part]
+  return config
 
 
 def _flatten(cfg, prefix=""):
@@ -100,7 +112,16 @@ def _same_type(default, value) -> bool:
 
 
 def suggest(key: str, known) -> str:
-  close = difflib.get_close_matches(key, list(known), n=1)
+  """' (did you mean 'x'?)' for the likeliest intended key, or ''."""
+  known = list(known)
+  section, _, leaf = key.rpartition(".")
+  # Abbreviations first: 'lr' -> 'learning_rate', 'bs' -> 'batch_size' (same section).
+  for candidate in known:
+    c_section, _, c_leaf = candidate.rpartition(".")
+    if c_section == section and "_" in c_leaf and leaf == "".join(
+        w[0] for w in c_leaf.split("_")):
+      return f" (did you mean '{candidate}'?)"
+  close = difflib.get_close_matches(key, known, n=1)
   return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -122,14 +143,10 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
 
   def need(ok, key, expected):
     if not ok:
-      value = config
-      for part in key.split("."):
-        value = value[part]
-      raise ConfigError(f"config key '{key}'={value!r}: expected {expected}")
+      raise ConfigError(f"config key '{key}'={_get(config, key)!r}: expected {expected}")
 
   for key, choices in _CHOICES.items():
-    section, name = key.split(".")
-    need(config[section][name] in choices, key, f"one of {', '.join(choices)}")
+    need(_get(config, key) in choices, key, f"one of {', '.join(map(repr, choices))}")
   need(config.model.name in models.MODEL_SPECS, "model.name",
        f"a model name{suggest(config.model.name, models.MODEL_SPECS)}; "
        "see resnet_jax.models.list_models()")

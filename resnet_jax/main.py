@@ -6,7 +6,9 @@ Thin on purpose: parsing and checking here, everything else in importable module
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter off stdout
+# TensorFlow only feeds data here: keep its C++ logging and oneDNN banner out of the output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from resnet_jax.config_cli import apply_overrides, load_config_file, parse_args  # noqa: E402
 from resnet_jax.config_schema import ConfigError, check_keys_and_types, check_values  # noqa: E402
@@ -39,7 +41,16 @@ def main(argv=None) -> int:
     workdir = flags.get("workdir") or default_workdir(config_path)
     check_workdir(workdir)
     from resnet_jax.training import trainer
-    result = trainer.train_and_evaluate(config, workdir)
+    from resnet_jax.training.preemption import Preempted
+    try:
+      result = trainer.train_and_evaluate(config, workdir)
+    except Preempted as e:
+      print(f"resnet_jax: {e}: checkpoint saved in {workdir}; run the same command to "
+            f"resume (exit {e.exit_code})", file=sys.stderr)
+      return e.exit_code
+    except trainer.NonFiniteError as e:
+      print(f"resnet_jax: error: {e}", file=sys.stderr)
+      return 3
   except ConfigError as e:
     print(f"resnet_jax: error: {e}", file=sys.stderr)
     return 2

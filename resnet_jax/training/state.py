@@ -15,6 +15,7 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array          # raw uint32 key data: checkpoints as a plain array
+  skipped_steps: jax.Array  # updates rejected as non-finite (nan_policy="skip")
 
 
 def make_init_fn(model, tx: optax.GradientTransformation, input_shape, seed: int):
@@ -25,7 +26,8 @@ def make_init_fn(model, tx: optax.GradientTransformation, input_shape, seed: int
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=train_rng)
+                      opt_state=tx.init(params), rng=train_rng,
+                      skipped_steps=jnp.zeros((), jnp.int32))
   return init
 
 

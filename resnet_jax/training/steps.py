@@ -14,7 +14,9 @@ def normalize(images, mean, std):
 
 
 def make_train_step(model, tx, schedule, *, num_classes: int, label_smoothing: float,
-                    mean, std):
+                    mean, std, skip_nonfinite: bool = False):
+  """skip_nonfinite: an update whose loss, gradients or resulting params are not finite is
+  rejected (state unchanged but for step and skipped_steps), instead of poisoning the run."""
   def train_step(state, batch):
     images = normalize(batch["image"], mean, std)
     labels = batch["label"]
@@ -32,14 +34,23 @@ def make_train_step(model, tx, schedule, *, num_classes: int, label_smoothing: f
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    param_norm = optax.tree.norm(params)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    if skip_nonfinite:
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+      kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+      new_state = kept.replace(step=state.step + 1,
+                               skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32))
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         "learning_rate": schedule(state.step),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "param_norm": param_norm,    # of the updated params: catches an overflowing update
+        "skipped_steps": new_state.skipped_steps,
     }
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
     return new_state, metrics
 
   return train_step

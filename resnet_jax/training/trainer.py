@@ -9,15 +9,30 @@ import jax
 import numpy as np
 
 from resnet_jax import models
+from resnet_jax.config_schema import ConfigError
 from resnet_jax.data import datasets, input_pipeline
 from resnet_jax.training import checkpoints, mesh as mesh_lib, optimizer, state as state_lib
 from resnet_jax.training import steps
 from resnet_jax.training.metrics_log import MetricsLog
+from resnet_jax.training.preemption import Preempted, PreemptionWatcher
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced NaN/Inf; the message names the step and the quantity."""
 
 
 def _log(msg: str):
   if jax.process_index() == 0:
     print(msg, flush=True)
+
+
+def check_finite(step: int, metrics: dict, last_saved):
+  bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    names = ", ".join(f"{k}={v}" for k, v in bad.items())
+    raise NonFiniteError(f"non-finite {names} at step {step}; stopped without saving it "
+                         f"(last checkpoint: step {last_saved}). Lower the learning rate, or "
+                         "set --config.nan_policy=skip to skip such steps")
 
 
 def run_eval(eval_step, state, mesh, builder, data_cfg, split_info, *, batch_size: int,
@@ -47,9 +62,11 @@ def write_config(config, workdir: str):
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Train `config` in `workdir` (resuming if it holds checkpoints); return final eval."""
+  """Train `config` in `workdir` (resuming if it holds checkpoints); return final eval.
+
+  Raises Preempted (after saving) on SIGTERM/SIGINT and NonFiniteError on NaN/Inf.
+  """
   os.makedirs(workdir, exist_ok=True)
-  write_config(config, workdir)
   data_cfg = config.data
   mesh = mesh_lib.create_mesh()
   nproc = jax.process_count()
@@ -59,14 +76,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
   num_classes = builder.info.features["label"].num_classes
   image_shape = tuple(builder.info.features["image"].shape)
 
-  train_split = input_pipeline.process_split(builder, data_cfg.train_split, drop_remainder=True)
-  eval_split = input_pipeline.process_split(builder, data_cfg.eval_split, drop_remainder=False)
+  splits = {}
+  for key, name, drop in (("data.train_split", data_cfg.train_split, True),
+                          ("data.eval_split", data_cfg.eval_split, False)):
+    try:
+      splits[key] = input_pipeline.process_split(builder, name, drop_remainder=drop)
+    except KeyError as e:
+      raise ConfigError(f"config key '{key}'={name!r}: {e.args[0]}") from e
+  train_split, eval_split = splits["data.train_split"], splits["data.eval_split"]
   batch = data_cfg.batch_size
   eval_batch = data_cfg.eval_batch_size or batch
   steps_per_epoch = train_split.num_examples // (batch // nproc)
   if steps_per_epoch == 0:
-    raise ValueError(f"config key 'data.batch_size'={batch}: larger than the "
-                     f"{train_split.num_examples_total} train examples")
+    raise ConfigError(f"config key 'data.batch_size'={batch}: expected at most the "
+                      f"{train_split.num_examples_total} train examples of {data_cfg.dataset}")
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
   eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
@@ -86,11 +109,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   abstract_state = jax.eval_shape(init_fn)
   state_sharding = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state)
   ckpts = checkpoints.Checkpoints(workdir, config.checkpoint)
-  start_step = ckpts.latest_step()
-  if start_step is not None:
-    state = ckpts.restore(start_step, checkpoints.abstract_with_shardings(abstract_state,
-                                                                          state_sharding))
-    _log(f"resumed from {ckpts.directory} at step {start_step}")
+  identity = {"model": config.model.name, "dataset": data_cfg.dataset,
+              "num_classes": num_classes}
+  try:
+    state, start_step = ckpts.restore_latest(
+        checkpoints.abstract_with_shardings(abstract_state, state_sharding), expect=identity)
+  except BaseException:
+    ckpts.close()
+    raise
+  write_config(config, workdir)   # after the checks above: a refused run changes nothing
+  if state is not None:
+    _log(f"resumed from {ckpts.directory}/{start_step}")
   else:
     start_step = 0
     state = jax.jit(init_fn, out_shardings=state_sharding)()
@@ -104,26 +133,47 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_step = jax.jit(
       steps.make_train_step(model, tx, schedule, num_classes=num_classes,
                             label_smoothing=config.optimizer.label_smoothing,
-                            mean=spec.mean, std=spec.std),
+                            mean=spec.mean, std=spec.std,
+                            skip_nonfinite=config.nan_policy == "skip"),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
   eval_step = jax.jit(steps.make_eval_step(model, num_classes=num_classes, mean=spec.mean,
                                            std=spec.std),
                       in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
   eval_cache: dict = {}
+  run_meta = dict(identity, config=config.to_dict(), code_version=checkpoints.code_version(),
+                  devices=jax.device_count(), processes=nproc)
+  last_eval: dict = {}
+  last_saved = start_step if ckpts.latest_step() is not None else None
+
+  def meta(step, metrics):
+    return dict(run_meta, step=step, metrics=metrics, eval=last_eval, time=time.time())
+
+  def save(step, metrics, *, force=False):
+    """Every save goes through here: the step's metrics are checked before it is written."""
+    nonlocal last_saved
+    metrics = jax.device_get(metrics) if metrics is not None else {}
+    if config.nan_policy == "stop":
+      check_finite(step, metrics, last_saved)
+    if ckpts.save(step, state, meta(step, {k: float(v) for k, v in metrics.items()}),
+                  force=force):
+      last_saved = step
 
   def evaluate(step):
-    result = run_eval(eval_step, state, mesh, builder, data_cfg, eval_split,
-                      batch_size=eval_batch // nproc, num_batches=num_eval_batches,
-                      cache=eval_cache)
-    log.write(step, "eval", result)
-    return result
+    nonlocal last_eval
+    last_eval = run_eval(eval_step, state, mesh, builder, data_cfg, eval_split,
+                         batch_size=eval_batch // nproc, num_batches=num_eval_batches,
+                         cache=eval_cache)
+    log.write(step, "eval", last_eval)
+    ckpts.save_best(step, state, meta(step, {}), last_eval)
+    return last_eval
 
   stop_at = total_steps
   if config.stop_after_steps > 0:
     stop_at = min(total_steps, config.stop_after_steps)
   log = MetricsLog(workdir, total_steps=total_steps, start_step=start_step)
-  result = None
+  watcher = PreemptionWatcher()
+  result, metrics = None, None
   try:
     train_iter = input_pipeline.train_batches(builder, data_cfg, seed=config.seed,
                                               batch_size=batch // nproc, start_step=start_step,
@@ -134,10 +184,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for step in range(start_step, stop_at):
       state, metrics = train_step(state, mesh_lib.global_batch(next(train_iter), mesh))
       if pending is not None:
-        prev_step, prev = pending
-        prev = jax.device_get(prev)
-        if not all(np.isfinite(v) for v in prev.values()):
-          raise FloatingPointError(f"non-finite train metrics at step {prev_step}: {prev}")
+        prev_step, prev = pending[0], jax.device_get(pending[1])
+        if config.nan_policy == "stop":
+          check_finite(prev_step, prev, last_saved)
         log.advance(prev_step, {"loss": float(prev["loss"])})
         if prev_step % config.log_every_steps == 0:
           now = time.time()
@@ -145,25 +194,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
           t_last, s_last = now, prev_step
           log.write(prev_step, "train", prev)
       pending = (step + 1, metrics)
-      ckpts.save(step + 1, state)
+      if ckpts.should_save(step + 1):
+        save(step + 1, metrics)
       if (step + 1) % eval_every == 0 and step + 1 < total_steps:
         evaluate(step + 1)
+      if watcher.should_stop(step + 1):
+        if ckpts.latest_step() != step + 1:
+          save(step + 1, metrics, force=True)
+        ckpts.close()
+        raise Preempted(step + 1, watcher.signum)
     if pending is not None:
+      last = jax.device_get(pending[1])
       log.advance(pending[0])
-      log.write(pending[0], "train", jax.device_get(pending[1]))
+      log.write(pending[0], "train", last)
     final_step = int(jax.device_get(state.step))
     train_seconds = time.time() - t_start  # includes compilation and in-loop evals
     if ckpts.latest_step() != final_step:
-      ckpts.save(final_step, state, force=True)
+      save(final_step, metrics, force=True)
     if final_step < total_steps:
       _log(f"stopped at step {final_step} of {total_steps} (stop_after_steps); "
            "run the same command again to resume")
       return {"step": final_step, "stopped": True}
     result = evaluate(final_step)
   finally:
+    watcher.close()
     ckpts.close()
     log.close()
-  result = dict(result, step=final_step, train_seconds=round(train_seconds, 1))
+  result = dict(result, step=final_step, train_seconds=round(train_seconds, 1),
+                skipped_steps=int(jax.device_get(state.skipped_steps)))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(result, f, indent=2)
