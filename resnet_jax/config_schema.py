@@ -29,6 +29,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.dataset = "sklearn_digits"   # a key of resnet_jax.data.datasets.DATASETS
   c.data.data_dir = ""                # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.manual_dir = ""              # files TFDS prepares from instead of downloading
+  c.data.image_folder = ""            # dataset "image_folder": <root>/<split>/<class>/img
+  c.data.image_size = 0               # image_folder (required): resize to this square size
+  c.data.corrupt_images = "skip"      # image_folder: skip (and count) | error
+  c.data.mean = (0.0,)                # per-channel, 0..255 units; (0.0,) = dataset default
+  c.data.std = (0.0,)
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.batch_size = 128             # global, over all devices and processes
@@ -75,6 +80,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "schedule.name": ("cosine", "step", "constant"),
     "nan_policy": ("stop", "skip"),
+    "data.corrupt_images": ("skip", "error"),
     "checkpoint.best_mode": ("max", "min"),
     "checkpoint.best_metric": ("", "top1", "top5", "loss"),
 }
@@ -179,6 +185,17 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
        "schedule.decay_epochs", "increasing epochs")
   need(0 < config.model.bn_momentum < 1, "model.bn_momentum", "in (0, 1)")
   need(config.model.bn_epsilon > 0, "model.bn_epsilon", "> 0")
+  need(config.data.dataset != "image_folder" or bool(config.data.image_folder),
+       "data.image_folder", "the folder holding <split>/<class>/images for dataset "
+       "'image_folder'")
+  need(config.data.image_size >= 0, "data.image_size", ">= 0")
+  # Batches need one image shape: a user's folder is resized to it when prepared.
+  need(config.data.dataset != "image_folder" or config.data.image_size > 0, "data.image_size",
+       "> 0 for dataset 'image_folder' (images are resized to image_size x image_size)")
+  need(len(config.data.mean) == len(config.data.std), "data.std",
+       f"as many values as data.mean ({len(config.data.mean)})")
+  need(all(v > 0 for v in config.data.std) or tuple(config.data.std) == (0.0,), "data.std",
+       "positive values")
   need(config.data.crop_padding >= 0, "data.crop_padding", ">= 0")
   need(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0 (0 = whole split)")
   need(config.data.prefetch >= 0, "data.prefetch", ">= 0")

@@ -63,6 +63,11 @@ OVERRIDE_CASES = [
     (["--config.data.batch_size=4096"], "'data.batch_size'=4096"),  # > train split
     (["--config.data.train_split=training"], "'data.train_split'='training'"),
     (["--config.data.eval_split=validation"], "'data.eval_split'='validation'"),
+    (["--config.data.dataset=image_folder"], "'data.image_folder'"),
+    (["--config.data.dataset=image_folder", "--config.data.image_folder=/nonexistent",
+      "--config.data.image_size=32"], "/nonexistent is not a directory"),
+    (["--config.data.corrupt_images=ignore"], "'data.corrupt_images'='ignore'"),
+    (["--config.data.mean=1,2,3", "--config.data.std=1"], "'data.std'"),
     # flags
     (["--workdirr=/tmp/x"], "unknown flag --workdirr"),
     (["train"], "cannot parse argument 'train'"),

@@ -6,6 +6,7 @@ import os
 import tensorflow_datasets as tfds
 
 from resnet_jax.config_schema import ConfigError
+from resnet_jax.data import image_folder
 from resnet_jax.data import sklearn_digits  # noqa: F401  (registers the builder)
 
 
@@ -25,7 +26,19 @@ DATASETS = {
     "fashion_mnist": DatasetSpec("fashion_mnist", mean=(72.9,), std=(90.0,)),
     "cifar10": DatasetSpec("cifar10", mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7)),
     "cifar100": DatasetSpec("cifar100", mean=(129.3, 124.1, 112.4), std=(68.2, 65.4, 70.4)),
+    # A user's folder of images (see image_folder.py); ImageNet statistics unless the config
+    # sets data.mean / data.std.
+    "image_folder": DatasetSpec("image_folder", mean=(123.7, 116.3, 103.5),
+                                std=(58.4, 57.1, 57.4), offline=True),
 }
+
+
+def normalization(data_cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) in 0..255 units: the config's when set, else the dataset's."""
+  spec = DATASETS[data_cfg.dataset]
+  if tuple(data_cfg.std) != (0.0,):
+    return tuple(data_cfg.mean), tuple(data_cfg.std)
+  return spec.mean, spec.std
 
 
 def resolve_data_dir(data_dir: str) -> str:
@@ -38,7 +51,15 @@ def prepare_builder(data_cfg) -> tfds.core.DatasetBuilder:
   """The dataset's TFDS builder, prepared in data_dir (from manual_dir files if given)."""
   spec = DATASETS[data_cfg.dataset]
   data_dir = resolve_data_dir(data_cfg.data_dir)
-  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  if data_cfg.dataset == "image_folder":
+    if not os.path.isdir(os.path.expanduser(data_cfg.image_folder)):
+      raise ConfigError(f"config key 'data.image_folder': {data_cfg.image_folder} "
+                        "is not a directory")
+    builder = image_folder.ImageFolder(root_dir=data_cfg.image_folder,
+                                       image_size=data_cfg.image_size,
+                                       corrupt=data_cfg.corrupt_images, data_dir=data_dir)
+  else:
+    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
   if builder.is_prepared():
     return builder
   manual_dir = os.path.expanduser(data_cfg.manual_dir) if data_cfg.manual_dir else None

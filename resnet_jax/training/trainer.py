@@ -10,7 +10,7 @@ import numpy as np
 
 from resnet_jax import models
 from resnet_jax.config_schema import ConfigError
-from resnet_jax.data import datasets, input_pipeline
+from resnet_jax.data import datasets, image_folder, input_pipeline
 from resnet_jax.training import checkpoints, mesh as mesh_lib, optimizer, state as state_lib
 from resnet_jax.training import steps
 from resnet_jax.training.metrics_log import MetricsLog
@@ -72,7 +72,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   nproc = jax.process_count()
 
   builder = datasets.prepare_builder(data_cfg)
-  spec = datasets.DATASETS[data_cfg.dataset]
+  mean, std = datasets.normalization(data_cfg)
+  skipped = image_folder.skipped_files(builder) if data_cfg.dataset == "image_folder" else []
+  if skipped:
+    _log(f"{data_cfg.image_folder}: {len(skipped)} corrupt image file(s) skipped when the "
+         f"dataset was prepared, e.g. {skipped[0]} (all listed in {builder.data_dir}"
+         "/metadata.json)")
   num_classes = builder.info.features["label"].num_classes
   image_shape = tuple(builder.info.features["image"].shape)
 
@@ -133,12 +138,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_step = jax.jit(
       steps.make_train_step(model, tx, schedule, num_classes=num_classes,
                             label_smoothing=config.optimizer.label_smoothing,
-                            mean=spec.mean, std=spec.std,
+                            mean=mean, std=std,
                             skip_nonfinite=config.nan_policy == "skip"),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
-  eval_step = jax.jit(steps.make_eval_step(model, num_classes=num_classes, mean=spec.mean,
-                                           std=spec.std),
+  eval_step = jax.jit(steps.make_eval_step(model, num_classes=num_classes, mean=mean,
+                                           std=std),
                       in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
   eval_cache: dict = {}
   run_meta = dict(identity, config=config.to_dict(), code_version=checkpoints.code_version(),

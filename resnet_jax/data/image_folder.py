@@ -1,0 +1,131 @@
+"""TFDS builder for a user's own images: <root>/<split>/<class>/<file> (or <root>/<split>.tar
+holding <split>/<class>/<file>), e.g. ../shared/data/cifar10_jpeg.
+
+Every file is decoded once when the dataset is prepared, so a corrupt image is found there,
+not in the middle of a training run: it is skipped and counted (the list is kept in the
+dataset's metadata and printed), or, with corrupt="error", preparation stops naming it.
+Examples are stored re-encoded losslessly (PNG), which makes the prepared copy deterministic.
+"""
+
+import hashlib
+import os
+import tarfile
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from resnet_jax.config_schema import ConfigError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+class CorruptImageError(ConfigError):
+  pass
+
+
+def _list_split(root: str, split: str) -> list[tuple[str, str, callable]]:
+  """[(class name, file name for messages, read-bytes fn)] for one split, sorted."""
+  folder, archive = os.path.join(root, split), os.path.join(root, f"{split}.tar")
+  items = []
+  if os.path.isdir(folder):
+    for cls in sorted(os.listdir(folder)):
+      cdir = os.path.join(folder, cls)
+      if os.path.isdir(cdir):
+        for name in sorted(os.listdir(cdir)):
+          if name.lower().endswith(IMAGE_SUFFIXES):
+            path = os.path.join(cdir, name)
+            items.append((cls, path, lambda p=path: open(p, "rb").read()))
+  elif os.path.isfile(archive):
+    with tarfile.open(archive) as tar:
+      members = [m for m in tar.getmembers()
+                 if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)]
+    for m in sorted(members, key=lambda m: m.name):
+      parts = m.name.split("/")
+      if len(parts) >= 2:
+        items.append((parts[-2], f"{archive}:{m.name}", lambda n=m.name: _read_member(archive, n)))
+  return items
+
+
+_OPEN_TARS: dict = {}
+
+
+def _read_member(archive, name):
+  if archive not in _OPEN_TARS:
+    _OPEN_TARS[archive] = tarfile.open(archive)
+  return _OPEN_TARS[archive].extractfile(name).read()
+
+
+def find_splits(root: str) -> list[str]:
+  if not os.path.isdir(root):
+    return []
+  names = {e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e))}
+  names |= {e[:-4] for e in os.listdir(root) if e.endswith(".tar")}
+  return sorted(names)
+
+
+class ImageFolder(tfds.core.GeneratorBasedBuilder):
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *, root_dir: str, image_size: int, corrupt: str, **kwargs):
+    self._root_dir = os.path.abspath(os.path.expanduser(root_dir))
+    self._image_size = image_size
+    self._corrupt = corrupt
+    digest = hashlib.sha1(f"{self._root_dir}|{image_size}".encode()).hexdigest()[:10]
+    name = f"{os.path.basename(self._root_dir.rstrip('/')) or 'root'}_{digest}".lower()
+    config = tfds.core.BuilderConfig(name="".join(c if c.isalnum() else "_" for c in name))
+    super().__init__(config=config, **kwargs)
+
+  def _class_names(self):
+    splits = find_splits(self._root_dir)
+    if not splits:
+      raise ConfigError(f"config key 'data.image_folder': {self._root_dir} has no <split>/ "
+                        "folders or <split>.tar archives")
+    classes = sorted({cls for split in splits for cls, _, _ in _list_split(self._root_dir, split)})
+    if not classes:
+      raise ConfigError(f"config key 'data.image_folder': no images under {self._root_dir}")
+    return classes
+
+  def _info(self):
+    size = self._image_size
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(size, size, 3)),
+            "label": tfds.features.ClassLabel(names=self._class_names()),
+            "file": tfds.features.Text(),
+        }),
+        supervised_keys=("image", "label"),
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    self.info.metadata["skipped_files"] = []
+    return {split: self._generate_examples(split) for split in find_splits(self._root_dir)}
+
+  def _decode(self, data: bytes):
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    size = self._image_size
+    if image.shape[:2] != (size, size):
+      image = tf.image.resize(image, (size, size), antialias=True)
+      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return image.numpy()
+
+  def _generate_examples(self, split):
+    skipped = self.info.metadata["skipped_files"]
+    for cls, name, read in _list_split(self._root_dir, split):
+      try:
+        image = self._decode(read())
+      except (tf.errors.InvalidArgumentError, OSError, ValueError) as e:
+        if self._corrupt == "error":
+          raise CorruptImageError(
+              f"corrupt image file {name}: {str(e).splitlines()[0][:120]} "
+              "(set --config.data.corrupt_images=skip to skip such files)") from None
+        skipped.append(name)
+        continue
+      yield name, {"image": image, "label": cls, "file": name}
+
+
+def skipped_files(builder) -> list[str]:
+  return list(builder.info.metadata.get("skipped_files", [])) if builder.info.metadata else []
+
+
