@@ -4,6 +4,8 @@
 #   ./launch.sh CONFIG [--config.k=v ...] [--workdir=DIR]   train any config file
 #   ./launch.sh test [PYTEST_ARGS ...]   run the test suite
 #   ./launch.sh setup                    only create/refresh the environment
+#   NPROC=N ./launch.sh CONFIG ...       N local processes (coordinator on localhost)
+#   srun ./launch.sh CONFIG ...          one process per SLURM task (detected by JAX)
 # The project environment (.venv beside this script, or $RESNET_JAX_VENV) is created on first
 # use and refreshed whenever pyproject.toml changes.
 set -euo pipefail
@@ -28,6 +30,17 @@ setup_env() {
   touch "$stamp"
 }
 
+run() {
+  local nproc="${NPROC:-1}"
+  if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
+    echo "launch.sh: error: NPROC='$nproc': expected a positive integer" >&2; exit 2
+  fi
+  if [ "$nproc" -gt 1 ]; then
+    exec "$VENV/bin/python" -m resnet_jax.local_launcher --nproc "$nproc" -- "$@"
+  fi
+  exec "$VENV/bin/python" -m resnet_jax "$@"
+}
+
 # Quiet TensorFlow's C++ logging (it is only used for tf.data and TensorBoard files).
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
@@ -46,12 +59,12 @@ case "${1:-}" in
     ;;
   "")
     setup_env
-    exec "$VENV/bin/python" -m resnet_jax --config="$DEFAULT_CONFIG"
+    run --config="$DEFAULT_CONFIG"
     ;;
   --*)
     # Only overrides given: apply them to the default experiment.
     setup_env
-    exec "$VENV/bin/python" -m resnet_jax --config="$DEFAULT_CONFIG" "$@"
+    run --config="$DEFAULT_CONFIG" "$@"
     ;;
   *)
     config="$1"; shift
@@ -60,6 +73,6 @@ case "${1:-}" in
       exit 2
     fi
     setup_env
-    exec "$VENV/bin/python" -m resnet_jax --config="$config" "$@"
+    run --config="$config" "$@"
     ;;
 esac

@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = "test"
   c.data.batch_size = 128             # global, over all devices and processes
   c.data.eval_batch_size = 0          # 0 -> batch_size
+  c.data.process_sharding = "batch"   # batch: each process reads the split, keeps its slice
+                                      #   of every global batch (same batches for any
+                                      #   process count); split: each reads 1/n (ImageNet)
   c.data.shuffle_buffer = 0           # 0 -> the whole (per-process) train split
   c.data.cache = True                 # keep decoded examples in memory (small datasets)
   c.data.prefetch = 2                 # batches prepared ahead on the host
@@ -81,6 +84,7 @@ _CHOICES = {
     "schedule.name": ("cosine", "step", "constant"),
     "nan_policy": ("stop", "skip"),
     "data.corrupt_images": ("skip", "error"),
+    "data.process_sharding": ("batch", "split"),
     "checkpoint.best_mode": ("max", "min"),
     "checkpoint.best_metric": ("", "top1", "top5", "loss"),
 }

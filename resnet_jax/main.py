@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     apply_overrides(config, overrides)
     check_keys_and_types(config)
     import jax  # after the cheap checks, so a typo fails fast
+    from resnet_jax import distributed
+    distributed.initialize_from_env()
     check_values(config, num_devices=jax.device_count(), num_processes=jax.process_count())
     workdir = flags.get("workdir") or default_workdir(config_path)
     check_workdir(workdir)

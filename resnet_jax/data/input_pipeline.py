@@ -64,35 +64,55 @@ def _augment(example, seed, crop_padding: int, random_flip: bool):
   return {"image": image, "label": example["label"]}
 
 
-def train_batches(builder, data_cfg, *, seed: int, batch_size: int, start_step: int,
-                  split_info: SplitInfo) -> Iterator[dict[str, np.ndarray]]:
-  """Endless per-process train batches, starting with the batch of global step start_step."""
-  steps_per_epoch = split_info.num_examples // batch_size
+def train_batches(builder, data_cfg, *, seed: int, global_batch: int, start_step: int,
+                  split_info: SplitInfo, process_index: int = 0, process_count: int = 1,
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """Endless per-process train batches, starting with the batch of global step start_step.
+
+  split_info is what this process reads: the whole split (process_sharding="batch": every
+  process walks the same global order and keeps its slice of each global batch, so global
+  batches do not depend on the process count) or its own shard ("split": 1/n of the reads,
+  for datasets too large to read n times; batches then depend on the process count).
+  """
+  whole_split = data_cfg.process_sharding == "batch"
+  local_batch = global_batch // process_count
+  read_batch = global_batch if whole_split else local_batch
+  steps_per_epoch = split_info.num_examples // read_batch
   if steps_per_epoch == 0:
-    raise ValueError(f"per-process batch {batch_size} is larger than this process's "
-                     f"{split_info.num_examples} train examples")
+    raise ValueError(f"batch {read_batch} is larger than the {split_info.num_examples} "
+                     "train examples read by this process")
   base = _decoded(builder, split_info, data_cfg.cache)
   buffer = data_cfg.shuffle_buffer or split_info.num_examples
-  examples_per_epoch = steps_per_epoch * batch_size
+  examples_per_epoch = steps_per_epoch * read_batch
 
   def epoch_dataset(epoch, skip_examples=0):
     epoch = tf.cast(epoch, tf.int64)
     ds = base.shuffle(buffer, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
     ds = ds.take(examples_per_epoch).enumerate().skip(skip_examples)
+    if whole_split and process_count > 1:
+      # Keep this process's contiguous slice of every global batch, before augmenting.
+      ds = ds.filter(lambda i, _: (i % global_batch) // local_batch == process_index)
     def augment(index, example):
       example_seed = tf.stack([tf.cast(seed, tf.int64) * 65_537 + epoch, index])
       return _augment(example, example_seed, data_cfg.crop_padding, data_cfg.random_flip)
     return ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
 
   start_epoch, offset = divmod(start_step, steps_per_epoch)
-  first = epoch_dataset(start_epoch, offset * batch_size)
+  first = epoch_dataset(start_epoch, offset * read_batch)
   rest = tf.data.Dataset.range(start_epoch + 1, 2**62).flat_map(epoch_dataset)
-  ds = first.concatenate(rest).batch(batch_size, drop_remainder=True)
+  ds = first.concatenate(rest).batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(data_cfg.prefetch or tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
   ds = ds.with_options(options)
   return ds.as_numpy_iterator()
+
+
+def train_steps_per_epoch(split_info: SplitInfo, data_cfg, global_batch: int,
+                          process_count: int) -> int:
+  if data_cfg.process_sharding == "batch":
+    return split_info.num_examples // global_batch
+  return split_info.num_examples // (global_batch // process_count)
 
 
 def eval_batches(builder, data_cfg, *, batch_size: int, split_info: SplitInfo,

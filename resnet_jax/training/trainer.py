@@ -82,16 +82,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
   image_shape = tuple(builder.info.features["image"].shape)
 
   splits = {}
+  whole_train_split = data_cfg.process_sharding == "batch"
   for key, name, drop in (("data.train_split", data_cfg.train_split, True),
                           ("data.eval_split", data_cfg.eval_split, False)):
     try:
-      splits[key] = input_pipeline.process_split(builder, name, drop_remainder=drop)
+      if key == "data.train_split" and whole_train_split:
+        splits[key] = input_pipeline.process_split(builder, name, drop_remainder=True,
+                                                   process_index=0, process_count=1)
+      else:
+        splits[key] = input_pipeline.process_split(builder, name, drop_remainder=drop)
     except KeyError as e:
       raise ConfigError(f"config key '{key}'={name!r}: {e.args[0]}") from e
   train_split, eval_split = splits["data.train_split"], splits["data.eval_split"]
   batch = data_cfg.batch_size
   eval_batch = data_cfg.eval_batch_size or batch
-  steps_per_epoch = train_split.num_examples // (batch // nproc)
+  steps_per_epoch = input_pipeline.train_steps_per_epoch(train_split, data_cfg, batch, nproc)
   if steps_per_epoch == 0:
     raise ConfigError(f"config key 'data.batch_size'={batch}: expected at most the "
                       f"{train_split.num_examples_total} train examples of {data_cfg.dataset}")
@@ -180,24 +185,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
   watcher = PreemptionWatcher()
   result, metrics = None, None
   try:
-    train_iter = input_pipeline.train_batches(builder, data_cfg, seed=config.seed,
-                                              batch_size=batch // nproc, start_step=start_step,
-                                              split_info=train_split)
+    train_iter = input_pipeline.train_batches(
+        builder, data_cfg, seed=config.seed, global_batch=batch, start_step=start_step,
+        split_info=train_split, process_index=jax.process_index(), process_count=nproc)
     pending = None  # metrics of the previous step, fetched one step late
     t_start = t_last = time.time()
     s_last = start_step
+    def log_train(step_metrics, *, final=False):
+      """Check and log one step's metrics (called one step late, or at the end)."""
+      nonlocal t_last, s_last
+      log_step, values = step_metrics[0], jax.device_get(step_metrics[1])
+      if config.nan_policy == "stop":
+        check_finite(log_step, values, last_saved)
+      log.advance(log_step, {"loss": float(values["loss"])})
+      if final or log_step % config.log_every_steps == 0:
+        now = time.time()
+        if log_step > s_last:
+          values["images_per_sec"] = (log_step - s_last) * batch / max(now - t_last, 1e-9)
+        t_last, s_last = now, log_step
+        log.write(log_step, "train", values)
+
     for step in range(start_step, stop_at):
       state, metrics = train_step(state, mesh_lib.global_batch(next(train_iter), mesh))
       if pending is not None:
-        prev_step, prev = pending[0], jax.device_get(pending[1])
-        if config.nan_policy == "stop":
-          check_finite(prev_step, prev, last_saved)
-        log.advance(prev_step, {"loss": float(prev["loss"])})
-        if prev_step % config.log_every_steps == 0:
-          now = time.time()
-          prev["images_per_sec"] = (prev_step - s_last) * batch / max(now - t_last, 1e-9)
-          t_last, s_last = now, prev_step
-          log.write(prev_step, "train", prev)
+        log_train(pending)
       pending = (step + 1, metrics)
       if ckpts.should_save(step + 1):
         save(step + 1, metrics)
@@ -206,12 +217,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if watcher.should_stop(step + 1):
         if ckpts.latest_step() != step + 1:
           save(step + 1, metrics, force=True)
+        log_train(pending, final=True)
         ckpts.close()
         raise Preempted(step + 1, watcher.signum)
     if pending is not None:
-      last = jax.device_get(pending[1])
-      log.advance(pending[0])
-      log.write(pending[0], "train", last)
+      log_train(pending, final=True)
     final_step = int(jax.device_get(state.step))
     train_seconds = time.time() - t_start  # includes compilation and in-loop evals
     if ckpts.latest_step() != final_step:
