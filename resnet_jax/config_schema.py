@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.zero_init_last_bn = False
   c.model.bn_momentum = 0.9
   c.model.bn_epsilon = 1e-5
+  c.model.bn_group_size = 0           # 0: BN over the global batch; G: "ghost" BN per G examples
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "sklearn_digits"   # a key of resnet_jax.data.datasets.DATASETS
@@ -53,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.nesterov = False
   c.optimizer.weight_decay = 1e-4     # L2 on conv/dense kernels only (not BN, not biases)
   c.optimizer.label_smoothing = 0.0
+  c.optimizer.grad_accum_steps = 1    # K: each step averages gradients of K micro-batches
+  c.optimizer.ema_decay = 0.0         # > 0: keep an EMA of params and BN stats, eval both
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = "cosine"          # cosine | step | constant
@@ -75,7 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.best_mode = "max"      # max | min
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                    # devices on the data axis; -1 = all
+  c.mesh.data = -1                    # devices on the data axis; -1 = all / fsdp
+  c.mesh.fsdp = 1                     # > 1: split params and optimizer state over this many
   return c
 
 
@@ -86,7 +90,7 @@ _CHOICES = {
     "data.corrupt_images": ("skip", "error"),
     "data.process_sharding": ("batch", "split"),
     "checkpoint.best_mode": ("max", "min"),
-    "checkpoint.best_metric": ("", "top1", "top5", "loss"),
+    "checkpoint.best_metric": ("", "top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"),
 }
 
 
@@ -163,9 +167,11 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
   need(config.data.dataset in datasets.DATASETS, "data.dataset",
        f"one of {', '.join(sorted(datasets.DATASETS))}")
 
-  mesh_data = num_devices if config.mesh.data == -1 else config.mesh.data
-  need(mesh_data == num_devices, "mesh.data",
-       f"-1 or the number of devices ({num_devices})")
+  need(config.mesh.fsdp >= 1 and num_devices % config.mesh.fsdp == 0, "mesh.fsdp",
+       f"a divisor of the device count ({num_devices})")
+  mesh_data = num_devices // config.mesh.fsdp
+  need(config.mesh.data in (-1, mesh_data), "mesh.data",
+       f"-1 or devices / mesh.fsdp ({mesh_data})")
   for key in ("data.batch_size", "data.eval_batch_size"):
     section, name = key.split(".")
     batch = config[section][name]
@@ -189,6 +195,18 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
        "schedule.decay_epochs", "increasing epochs")
   need(0 < config.model.bn_momentum < 1, "model.bn_momentum", "in (0, 1)")
   need(config.model.bn_epsilon > 0, "model.bn_epsilon", "> 0")
+  need(config.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps", ">= 1")
+  micro = config.data.batch_size // config.optimizer.grad_accum_steps
+  need(config.data.batch_size % config.optimizer.grad_accum_steps == 0 and
+       micro % num_devices == 0, "optimizer.grad_accum_steps",
+       f"a divisor of data.batch_size whose micro-batch ({micro}) is a multiple of the "
+       f"device count ({num_devices})")
+  need(0 <= config.optimizer.ema_decay < 1, "optimizer.ema_decay", "in [0, 1)")
+  group = config.model.bn_group_size
+  need(group >= 0 and (group == 0 or (micro // num_devices) % group == 0 or
+                       group % (micro // num_devices) == 0 and micro % group == 0),
+       "model.bn_group_size", "0, or a size that tiles the per-device micro-batch "
+       f"({micro // num_devices})")
   need(config.data.dataset != "image_folder" or bool(config.data.image_folder),
        "data.image_folder", "the folder holding <split>/<class>/images for dataset "
        "'image_folder'")

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from resnet_jax.models import blocks
+from resnet_jax.models.ghost_batch_norm import GhostBatchNorm
 
 # He et al. initialise convs with fan-out normal (as torchvision does).
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -33,6 +34,7 @@ class ResNet(nn.Module):
   zero_init_last_bn: bool = False
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  bn_group_size: int = 0          # > 0: "ghost" BN over groups of this many examples
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -45,10 +47,15 @@ class ResNet(nn.Module):
 
     # BN statistics are computed over whatever batch the caller passes; under jit with a
     # batch sharded over the mesh that is the *global* batch (XLA inserts the all-reduce).
+    # With bn_group_size=G they are per group of G examples (see ghost_batch_norm.py).
     # BN itself runs in fp32 for stability even when `dtype` is bf16.
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=jnp.float32, param_dtype=self.param_dtype)
+    if self.bn_group_size > 0:
+      norm = functools.partial(GhostBatchNorm, self.bn_group_size)
+    else:
+      norm = nn.BatchNorm
+    norm = functools.partial(norm, use_running_average=not train, momentum=self.bn_momentum,
+                             epsilon=self.bn_epsilon, dtype=jnp.float32,
+                             param_dtype=self.param_dtype)
     block_cls = {"basic": blocks.BasicBlock, "bottleneck": blocks.BottleneckBlock}[self.block]
 
     x = x.astype(self.dtype)

@@ -13,31 +13,75 @@ def normalize(images, mean, std):
   return (images.astype(jnp.float32) - mean) / std
 
 
+def _micro_batches(x, k: int):
+  """[B, ...] -> [k, B/k, ...] with micro-batch j = examples j, j+k, j+2k, ...
+
+  Strided rather than contiguous: the batch is sharded in contiguous chunks over devices,
+  so every micro-batch keeps an equal share on every device and no data moves.
+  """
+  return x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+
+
 def make_train_step(model, tx, schedule, *, num_classes: int, label_smoothing: float,
-                    mean, std, skip_nonfinite: bool = False):
+                    mean, std, skip_nonfinite: bool = False, grad_accum_steps: int = 1,
+                    ema_decay: float = 0.0):
   """skip_nonfinite: an update whose loss, gradients or resulting params are not finite is
-  rejected (state unchanged but for step and skipped_steps), instead of poisoning the run."""
+  rejected (state unchanged but for step and skipped_steps), instead of poisoning the run.
+  grad_accum_steps=K: gradients are averaged over K micro-batches of B/K before one update;
+  BatchNorm normalises each micro-batch by its own statistics and its running averages are
+  updated K times (as K sequential forward passes would).
+  ema_decay > 0: the state also tracks an exponential moving average of params and BN
+  statistics."""
+
+  def loss_and_grads(params, batch_stats, images, labels, rng):
+    def loss_fn(params):
+      logits, updates = model.apply(
+          {"params": params, "batch_stats": batch_stats}, images, train=True,
+          mutable=["batch_stats"], rngs={"dropout": rng})
+      targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
+      return loss, (logits, updates.get("batch_stats", batch_stats))
+
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+    return loss, correct, new_stats, grads
+
   def train_step(state, batch):
     images = normalize(batch["image"], mean, std)
     labels = batch["label"]
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
+    rng = jax.random.fold_in(state.rng, state.step)
+    k = grad_accum_steps
+    if k == 1:
+      loss, correct, batch_stats, grads = loss_and_grads(state.params, state.batch_stats,
+                                                         images, labels, rng)
+    else:
+      def accumulate(carry, micro):
+        grads_sum, loss_sum, correct_sum, stats = carry
+        micro_images, micro_labels, index = micro
+        loss, correct, stats, grads = loss_and_grads(
+            state.params, stats, micro_images, micro_labels, jax.random.fold_in(rng, index))
+        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+        return (grads_sum, loss_sum + loss, correct_sum + correct, stats), None
 
-    def loss_fn(params):
-      logits, updates = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-          mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-      targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-      loss = optax.softmax_cross_entropy(logits, targets).mean()
-      return loss, (logits, updates["batch_stats"])
+      init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
+              jnp.zeros((), jnp.int32), state.batch_stats)
+      (grads, loss, correct, batch_stats), _ = jax.lax.scan(
+          accumulate, init, (_micro_batches(images, k), _micro_batches(labels, k),
+                             jnp.arange(k)))
+      grads = jax.tree.map(lambda g: g / k, grads)
+      loss = loss / k
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     param_norm = optax.tree.norm(params)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
+    if ema_decay > 0:
+      ema = lambda old, new: ema_decay * old + (1.0 - ema_decay) * new  # noqa: E731
+      new_state = new_state.replace(
+          ema_params=jax.tree.map(ema, state.ema_params, params),
+          ema_batch_stats=jax.tree.map(ema, state.ema_batch_stats, batch_stats))
     if skip_nonfinite:
       ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
       kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
@@ -45,7 +89,7 @@ def make_train_step(model, tx, schedule, *, num_classes: int, label_smoothing: f
                                skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32))
     metrics = {
         "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "accuracy": correct / labels.shape[0],
         "learning_rate": schedule(state.step),
         "grad_norm": grad_norm,
         "param_norm": param_norm,    # of the updated params: catches an overflowing update
@@ -56,14 +100,15 @@ def make_train_step(model, tx, schedule, *, num_classes: int, label_smoothing: f
   return train_step
 
 
-def make_eval_step(model, *, num_classes: int, mean, std):
+def make_eval_step(model, *, num_classes: int, mean, std, use_ema: bool = False):
   top_k = min(5, num_classes)
 
   def eval_step(state, batch):
     """Sums over the real (mask=1) examples of the global batch."""
     images = normalize(batch["image"], mean, std)
-    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                         images, train=False)
+    variables = ({"params": state.ema_params, "batch_stats": state.ema_batch_stats} if use_ema
+                 else {"params": state.params, "batch_stats": state.batch_stats})
+    logits = model.apply(variables, images, train=False)
     labels = batch["label"]
     mask = batch["mask"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -68,7 +68,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   os.makedirs(workdir, exist_ok=True)
   data_cfg = config.data
-  mesh = mesh_lib.create_mesh()
+  mesh = mesh_lib.create_mesh(config.mesh)
   nproc = jax.process_count()
 
   builder = datasets.prepare_builder(data_cfg)
@@ -109,15 +109,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model = models.create(config.model.name, num_classes=num_classes, dtype=config.model.dtype,
                         zero_init_last_bn=config.model.zero_init_last_bn,
                         bn_momentum=config.model.bn_momentum,
-                        bn_epsilon=config.model.bn_epsilon)
+                        bn_epsilon=config.model.bn_epsilon,
+                        bn_group_size=config.model.bn_group_size)
   schedule = optimizer.create_schedule(config.optimizer, config.schedule,
                                        steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   tx = optimizer.create_optimizer(config.optimizer, schedule)
 
   # Abstract state first: it gives the shardings, the jitted init and the restore target.
-  init_fn = state_lib.make_init_fn(model, tx, (1,) + image_shape, config.seed)
+  use_ema = config.optimizer.ema_decay > 0
+  init_fn = state_lib.make_init_fn(model, tx, (1,) + image_shape, config.seed, ema=use_ema)
   abstract_state = jax.eval_shape(init_fn)
-  state_sharding = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state)
+  state_sharding = mesh_lib.state_shardings(abstract_state, mesh)
   ckpts = checkpoints.Checkpoints(workdir, config.checkpoint)
   identity = {"model": config.model.name, "dataset": data_cfg.dataset,
               "num_classes": num_classes}
@@ -133,6 +135,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   else:
     start_step = 0
     state = jax.jit(init_fn, out_shardings=state_sharding)()
+  param_bytes, param_bytes_total = mesh_lib.bytes_per_device(state.params)
+  _log(f"mesh {dict(mesh.shape)}: params take {param_bytes:,} of {param_bytes_total:,} bytes "
+       "on each device")
   _log(f"model {config.model.name}: {state_lib.count_params(state.params):,} params; "
        f"{config.data.dataset}: {train_split.num_examples_total} train / "
        f"{eval_split.num_examples_total} eval examples; {jax.device_count()} devices on "
@@ -144,12 +149,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
       steps.make_train_step(model, tx, schedule, num_classes=num_classes,
                             label_smoothing=config.optimizer.label_smoothing,
                             mean=mean, std=std,
-                            skip_nonfinite=config.nan_policy == "skip"),
+                            skip_nonfinite=config.nan_policy == "skip",
+                            grad_accum_steps=config.optimizer.grad_accum_steps,
+                            ema_decay=config.optimizer.ema_decay),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
-  eval_step = jax.jit(steps.make_eval_step(model, num_classes=num_classes, mean=mean,
-                                           std=std),
-                      in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
+  eval_steps = {
+      name: jax.jit(steps.make_eval_step(model, num_classes=num_classes, mean=mean, std=std,
+                                         use_ema=name == "eval_ema"),
+                    in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
+      for name in (("eval", "eval_ema") if use_ema else ("eval",))}
   eval_cache: dict = {}
   run_meta = dict(identity, config=config.to_dict(), code_version=checkpoints.code_version(),
                   devices=jax.device_count(), processes=nproc)
@@ -170,11 +179,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
       last_saved = step
 
   def evaluate(step):
+    """Raw weights (and their EMA, logged as eval_ema); returns the raw weights' metrics."""
     nonlocal last_eval
-    last_eval = run_eval(eval_step, state, mesh, builder, data_cfg, eval_split,
-                         batch_size=eval_batch // nproc, num_batches=num_eval_batches,
-                         cache=eval_cache)
-    log.write(step, "eval", last_eval)
+    for name, eval_step in eval_steps.items():
+      result = run_eval(eval_step, state, mesh, builder, data_cfg, eval_split,
+                        batch_size=eval_batch // nproc, num_batches=num_eval_batches,
+                        cache=eval_cache)
+      log.write(step, name, result)
+      if name == "eval":
+        last_eval = result
+      else:
+        last_eval = dict(last_eval, **{f"ema_{k}": v for k, v in result.items()})
     ckpts.save_best(step, state, meta(step, {}), last_eval)
     return last_eval
 
@@ -236,6 +251,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpts.close()
     log.close()
   result = dict(result, step=final_step, train_seconds=round(train_seconds, 1),
+                param_bytes_per_device=param_bytes, param_bytes_total=param_bytes_total,
                 skipped_steps=int(jax.device_get(state.skipped_steps)))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
