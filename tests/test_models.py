@@ -14,7 +14,14 @@ TORCHVISION_1000 = {
     "resnet50": 25_557_032,
     "resnet101": 44_549_160,
     "resnet152": 60_192_808,
+    "wide_resnet50_2": 68_883_240,
+    "wide_resnet101_2": 126_886_696,
+    "resnext50_32x4d": 25_028_904,
+    "resnext101_32x8d": 88_791_336,
+    "resnext101_64x4d": 83_455_272,
 }
+# timm's resnet200 (torchvision has none).
+TIMM_1000 = {"resnet200": 64_673_832}
 # He et al. 2015, Table 6 (10 classes, option-A shortcuts): 0.27M .. 19.4M, printed rounded.
 PAPER_CIFAR_M = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85,
                  "resnet110": 1.7, "resnet1202": 19.4}
@@ -31,9 +38,39 @@ def param_count(name, num_classes, size):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
 
 
-@pytest.mark.parametrize("name,expected", sorted(TORCHVISION_1000.items()))
-def test_imagenet_param_counts_equal_torchvision(name, expected):
+@pytest.mark.parametrize("name,expected", sorted({**TORCHVISION_1000, **TIMM_1000}.items()))
+def test_imagenet_param_counts_equal_torchvision_and_timm(name, expected):
   assert param_count(name, 1000, 224) == expected
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 20, 56, 110])
+def test_plain_twin_is_the_resnet_without_its_shortcuts(depth):
+  """Same layers, same shapes; only the shortcut (projection) parameters are gone."""
+  size = 64 if depth in (18, 34, 50) else 16
+  def shapes(name):
+    model = models.create(name, num_classes=10)
+    v = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+    return {jax.tree_util.keystr(p): x.shape
+            for p, x in jax.tree_util.tree_flatten_with_path(v["params"])[0]}
+  res, plain = shapes(f"resnet{depth}"), shapes(f"plain{depth}")
+  assert not any("shortcut" in k for k in plain)
+  assert plain == {k: v for k, v in res.items() if "shortcut" not in k}
+  if depth in (20, 56, 110):   # option-A shortcuts have no parameters at all
+    assert plain == res
+
+
+def test_plain_and_residual_forward_differ_only_by_the_shortcut():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  res, plain = models.create("resnet20", 10), models.create("plain20", 10)
+  variables = res.init(jax.random.PRNGKey(0), x)
+  assert not np.allclose(res.apply(variables, x), plain.apply(variables, x))
+
+
+def test_list_models_is_in_natural_order():
+  names = models.list_models()
+  assert names.index("resnet8") < names.index("resnet20") < names.index("resnet110")
+  assert {"plain18", "plain34", "plain20", "plain56", "resnet200", "wide_resnet50_2",
+          "resnext50_32x4d"} <= set(names)
 
 
 @pytest.mark.parametrize("name,expected", sorted(CIFAR_EXACT.items()))
@@ -47,6 +84,8 @@ def test_cifar_param_counts(name, expected):
 
 def test_every_registered_name_builds_and_runs_forward():
   for name in models.list_models():
+    if name.endswith("1202"):
+      continue   # same code as resnet110/plain110, 11x deeper: too slow to trace here
     size = 64 if models.MODEL_SPECS[name]["stem"] == "imagenet" else 16
     model = models.create(name, num_classes=7)
     out = jax.eval_shape(lambda x, m=model: m.init_with_output(jax.random.PRNGKey(0), x)[0],

@@ -76,7 +76,11 @@ class BasicBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-  """1x1 reduce, 3x3, 1x1 expand (x4). v1.5: the stride sits in the 3x3 conv (torchvision)."""
+  """1x1 reduce, 3x3, 1x1 expand (x4). v1.5: the stride sits in the 3x3 conv (torchvision).
+
+  groups / width_per_group give ResNeXt (32 groups of 4) and Wide ResNet (width 128), with
+  torchvision's rule: inner width = filters * width_per_group / 64 * groups.
+  """
   filters: int
   strides: int
   conv: ModuleDef
@@ -84,13 +88,17 @@ class BottleneckBlock(nn.Module):
   act: Callable
   shortcut: str = "projection"
   zero_init_last_bn: bool = False
+  groups: int = 1
+  width_per_group: int = 64
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
-    y = self.conv(self.filters, (1, 1), name="conv1")(x)
+    width = int(self.filters * (self.width_per_group / 64.0)) * self.groups
+    y = self.conv(width, (1, 1), name="conv1")(x)
     y = self.act(self.norm(name="bn1")(y))
-    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv2")(y)
+    y = self.conv(width, (3, 3), (self.strides, self.strides), groups=self.groups,
+                  name="conv2")(y)
     y = self.act(self.norm(name="bn2")(y))
     y = self.conv(self.filters * self.expansion, (1, 1), name="conv3")(y)
     y = self.norm(name="bn3", scale_init=_last_bn_scale_init(self.zero_init_last_bn))(y)

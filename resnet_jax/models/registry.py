@@ -1,5 +1,6 @@
 """Named members of the family: each is one row of keyword arguments for `ResNet`."""
 
+import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ _IMAGENET_DEPTHS = {
     50: ("bottleneck", (3, 4, 6, 3)),
     101: ("bottleneck", (3, 4, 23, 3)),
     152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
 }
 
 # The CIFAR nets of He et al. 2015 (Sec. 4.2): 6n+2 layers, three stages of n basic blocks
@@ -33,11 +35,28 @@ for _depth, _n in _CIFAR_N.items():
                                         block="basic", stem="cifar", stem_width=16,
                                         shortcut="zero_pad")
 
+# Wide ResNet (Zagoruyko & Komodakis; torchvision's ImageNet variants) and ResNeXt
+# (Xie et al.): the same bottleneck stages with a wider or grouped 3x3 conv.
+for _name, _depth, _groups, _width in (("wide_resnet50_2", 50, 1, 128),
+                                       ("wide_resnet101_2", 101, 1, 128),
+                                       ("resnext50_32x4d", 50, 32, 4),
+                                       ("resnext101_32x8d", 101, 32, 8),
+                                       ("resnext101_64x4d", 101, 64, 4)):
+  MODEL_SPECS[_name] = dict(MODEL_SPECS[f"resnet{_depth}"], groups=_groups,
+                            width_per_group=_width)
+
+# Plain twins: every ResNet above with its shortcuts removed -- the "plain" networks of the
+# paper's Fig. 4 and 6, for the degradation experiments (plain18, plain34, plain20, ...).
+for _name in [n for n in MODEL_SPECS if n.startswith("resnet") and n[6:].isdigit()]:
+  MODEL_SPECS["plain" + _name[len("resnet"):]] = dict(MODEL_SPECS[_name], shortcut="none")
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def list_models() -> list[str]:
-  return sorted(MODEL_SPECS, key=lambda n: (MODEL_SPECS[n]["stem"], int(n[len("resnet"):])))
+  """Every registered name, in natural order (resnet8 < resnet20 < resnet110)."""
+  return sorted(MODEL_SPECS, key=lambda n: [int(t) if t.isdigit() else t
+                                            for t in re.split(r"(\d+)", n)])
 
 
 def create(name: str, num_classes: int, dtype: str | Any = "float32", **overrides) -> ResNet:

@@ -35,15 +35,17 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_group_size: int = 0          # > 0: "ghost" BN over groups of this many examples
+  groups: int = 1                 # bottleneck 3x3 conv groups (ResNeXt)
+  width_per_group: int = 64       # bottleneck width rule (Wide ResNet: 128)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    def conv(features, kernel_size, strides=(1, 1), name=None):
+    def conv(features, kernel_size, strides=(1, 1), groups=1, name=None):
       return nn.Conv(features, kernel_size, strides, padding=_symmetric_padding(kernel_size),
-                     use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=name)
+                     feature_group_count=groups, use_bias=False, kernel_init=CONV_INIT,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     # BN statistics are computed over whatever batch the caller passes; under jit with a
     # batch sharded over the mesh that is the *global* batch (XLA inserts the all-reduce).
@@ -56,7 +58,13 @@ class ResNet(nn.Module):
     norm = functools.partial(norm, use_running_average=not train, momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=jnp.float32,
                              param_dtype=self.param_dtype)
-    block_cls = {"basic": blocks.BasicBlock, "bottleneck": blocks.BottleneckBlock}[self.block]
+    if self.block == "basic":
+      block_cls = blocks.BasicBlock
+    elif self.block == "bottleneck":
+      block_cls = functools.partial(blocks.BottleneckBlock, groups=self.groups,
+                                    width_per_group=self.width_per_group)
+    else:
+      raise ValueError(f"unknown block {self.block!r}; expected 'basic' or 'bottleneck'")
 
     x = x.astype(self.dtype)
     if self.stem == "imagenet":
