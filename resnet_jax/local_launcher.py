@@ -33,8 +33,11 @@ def launch(nproc: int, args: list[str], *, env=None) -> int:
                      RESNET_JAX_NUM_PROCESSES=str(nproc), RESNET_JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen([sys.executable, "-m", "resnet_jax", *args], env=child_env))
 
+  forwarded = []
+
   def forward(signum, frame):  # preemption of the launcher = preemption of every child
     del frame
+    forwarded.append(signum)
     for p in procs:
       if p.poll() is None:
         p.send_signal(signum)
@@ -45,7 +48,10 @@ def launch(nproc: int, args: list[str], *, env=None) -> int:
   while any(p.poll() is None for p in procs):
     for i, p in enumerate(procs):
       code = p.poll()
-      if code not in (None, 0) and failed is None:
+      # After a forwarded signal the children save and exit with 128+signal on their own
+      # (all at the same step): that is the expected ending, not a failure to react to.
+      expected = forwarded and code == 128 + forwarded[0]
+      if code not in (None, 0) and failed is None and not expected:
         failed = (i, code)
         reason = (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
         print(f"resnet_jax.local_launcher: process {i} of {nproc} ended ({reason}); "
