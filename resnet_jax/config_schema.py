@@ -24,6 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.zero_init_last_bn = False
   c.model.bn_momentum = 0.9
   c.model.bn_epsilon = 1e-5
+  c.model.se_ratio = -1.0             # squeeze-excitation ratio; -1 = as the named model
+  c.model.drop_path_rate = 0.0        # stochastic depth at the last block (linear from 0)
   c.model.bn_group_size = 0           # 0: BN over the global batch; G: "ghost" BN per G examples
 
   c.data = ml_collections.ConfigDict()
@@ -195,6 +197,9 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
        "schedule.decay_epochs", "increasing epochs")
   need(0 < config.model.bn_momentum < 1, "model.bn_momentum", "in (0, 1)")
   need(config.model.bn_epsilon > 0, "model.bn_epsilon", "> 0")
+  need(config.model.se_ratio == -1 or 0 <= config.model.se_ratio <= 1, "model.se_ratio",
+       "-1 (as the named model) or in [0, 1]")
+  need(0 <= config.model.drop_path_rate < 1, "model.drop_path_rate", "in [0, 1)")
   need(config.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps", ">= 1")
   micro = config.data.batch_size // config.optimizer.grad_accum_steps
   need(config.data.batch_size % config.optimizer.grad_accum_steps == 0 and

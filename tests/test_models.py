@@ -20,8 +20,8 @@ TORCHVISION_1000 = {
     "resnext101_32x8d": 88_791_336,
     "resnext101_64x4d": 83_455_272,
 }
-# timm's resnet200 (torchvision has none).
-TIMM_1000 = {"resnet200": 64_673_832}
+# timm's (torchvision has none of these).
+TIMM_1000 = {"resnet200": 64_673_832, "seresnet50": 28_088_024, "seresnet18": 11_778_592}
 # He et al. 2015, Table 6 (10 classes, option-A shortcuts): 0.27M .. 19.4M, printed rounded.
 PAPER_CIFAR_M = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85,
                  "resnet110": 1.7, "resnet1202": 19.4}
@@ -123,3 +123,41 @@ def test_bfloat16_compute_keeps_fp32_params_and_logits():
 def test_unknown_model_name_is_reported():
   with pytest.raises(KeyError, match="resnet51"):
     models.create("resnet51", num_classes=10)
+
+
+def test_features_for_backbone_use():
+  model = models.create("resnet50", num_classes=1000)
+  feats = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.PRNGKey(0), x, return_features=True)[0],
+      jnp.zeros((2, 224, 224, 3)))
+  assert {k: v.shape for k, v in feats.items()} == {
+      "stem": (2, 112, 112, 64), "stage1": (2, 56, 56, 256), "stage2": (2, 28, 28, 512),
+      "stage3": (2, 14, 14, 1024), "stage4": (2, 7, 7, 2048), "pre_logits": (2, 2048),
+      "logits": (2, 1000)}
+
+
+def test_num_classes_zero_is_a_headless_backbone_and_heads_can_be_replaced():
+  x = jnp.ones((1, 32, 32, 3))
+  backbone = models.create("resnet18", num_classes=0)
+  variables = backbone.init(jax.random.PRNGKey(0), x)
+  assert "head" not in variables["params"]
+  assert backbone.apply(variables, x).shape == (1, 512)
+  # A new head: the same variables plus a fresh Dense for 7 classes.
+  model = models.create("resnet18", num_classes=7)
+  fresh = model.init(jax.random.PRNGKey(1), x)
+  params = dict(variables["params"], head=fresh["params"]["head"])
+  out = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)
+  assert out.shape == (1, 7)
+
+
+def test_stochastic_depth_is_random_in_training_and_off_in_eval():
+  model = models.create("resnet20", num_classes=10, drop_path_rate=0.5)
+  base = models.create("resnet20", num_classes=10)
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  run = lambda m, seed: m.apply(variables, x, train=True, mutable=["batch_stats"],  # noqa
+                                rngs={"dropout": jax.random.PRNGKey(seed)})[0]
+  assert not np.allclose(run(model, 1), run(model, 2))
+  np.testing.assert_allclose(model.apply(variables, x), base.apply(variables, x), rtol=1e-6)
+  np.testing.assert_allclose(run(models.create("resnet20", 10, drop_path_rate=0.0), 1),
+                             run(base, 2), rtol=1e-6)

@@ -27,6 +27,36 @@ def _zero_pad_shortcut(x, out_channels: int, strides: int):
   return x
 
 
+class SqueezeExcite(nn.Module):
+  """Channel attention (Hu et al. 2018): global pool -> reduce -> ReLU -> expand -> sigmoid."""
+  ratio: float
+  conv: ModuleDef
+
+  @nn.compact
+  def __call__(self, y):
+    channels = y.shape[-1]
+    s = jnp.mean(y, axis=(1, 2), keepdims=True)
+    s = nn.relu(nn.Conv(max(1, int(round(channels * self.ratio))), (1, 1), dtype=y.dtype,
+                        name="reduce")(s))
+    s = nn.sigmoid(nn.Conv(channels, (1, 1), dtype=y.dtype, name="expand")(s))
+    return y * s
+
+
+def _residual_out(block, y, x, out_channels):
+  """Squeeze-excite and stochastic depth on the branch, then add the shortcut and ReLU."""
+  if block.se_ratio > 0:
+    y = SqueezeExcite(block.se_ratio, block.conv, name="se")(y)
+  if block.shortcut == "none":
+    return block.act(y)
+  if block.drop_path_rate > 0:
+    # Stochastic depth (Huang et al. 2016): drop the whole branch per example in training,
+    # scaling survivors so the expectation is unchanged; uses the "dropout" RNG stream.
+    y = nn.Dropout(block.drop_path_rate, broadcast_dims=(1, 2, 3), name="drop_path")(
+        y, deterministic=not block.train)
+  return block.act(y + Shortcut(out_channels, block.strides, block.shortcut, block.conv,
+                                block.norm, name="shortcut")(x))
+
+
 def _last_bn_scale_init(zero: bool):
   # Starting the branch's last BN scale at zero makes every block the identity at init
   # (Goyal et al. 2017), which helps very deep nets and large batches.
@@ -61,6 +91,9 @@ class BasicBlock(nn.Module):
   act: Callable
   shortcut: str = "projection"
   zero_init_last_bn: bool = False
+  se_ratio: float = 0.0
+  drop_path_rate: float = 0.0
+  train: bool = False
   expansion = 1
 
   @nn.compact
@@ -69,10 +102,7 @@ class BasicBlock(nn.Module):
     y = self.act(self.norm(name="bn1")(y))
     y = self.conv(self.filters, (3, 3), name="conv2")(y)
     y = self.norm(name="bn2", scale_init=_last_bn_scale_init(self.zero_init_last_bn))(y)
-    if self.shortcut == "none":
-      return self.act(y)
-    return self.act(y + Shortcut(self.filters, self.strides, self.shortcut, self.conv,
-                                 self.norm, name="shortcut")(x))
+    return _residual_out(self, y, x, self.filters)
 
 
 class BottleneckBlock(nn.Module):
@@ -88,6 +118,9 @@ class BottleneckBlock(nn.Module):
   act: Callable
   shortcut: str = "projection"
   zero_init_last_bn: bool = False
+  se_ratio: float = 0.0
+  drop_path_rate: float = 0.0
+  train: bool = False
   groups: int = 1
   width_per_group: int = 64
   expansion = 4
@@ -102,7 +135,4 @@ class BottleneckBlock(nn.Module):
     y = self.act(self.norm(name="bn2")(y))
     y = self.conv(self.filters * self.expansion, (1, 1), name="conv3")(y)
     y = self.norm(name="bn3", scale_init=_last_bn_scale_init(self.zero_init_last_bn))(y)
-    if self.shortcut == "none":
-      return self.act(y)
-    return self.act(y + Shortcut(self.filters * self.expansion, self.strides, self.shortcut,
-                                 self.conv, self.norm, name="shortcut")(x))
+    return _residual_out(self, y, x, self.filters * self.expansion)

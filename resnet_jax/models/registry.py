@@ -45,6 +45,10 @@ for _name, _depth, _groups, _width in (("wide_resnet50_2", 50, 1, 128),
   MODEL_SPECS[_name] = dict(MODEL_SPECS[f"resnet{_depth}"], groups=_groups,
                             width_per_group=_width)
 
+# Squeeze-and-excitation ResNets (timm's seresnet*: SE with ratio 1/16 in every block).
+for _depth in _IMAGENET_DEPTHS:
+  MODEL_SPECS[f"seresnet{_depth}"] = dict(MODEL_SPECS[f"resnet{_depth}"], se_ratio=1 / 16)
+
 # Plain twins: every ResNet above with its shortcuts removed -- the "plain" networks of the
 # paper's Fig. 4 and 6, for the degradation experiments (plain18, plain34, plain20, ...).
 for _name in [n for n in MODEL_SPECS if n.startswith("resnet") and n[6:].isdigit()]:

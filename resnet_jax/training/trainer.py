@@ -106,7 +106,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   num_eval_batches = input_pipeline.num_eval_batches(eval_split.num_examples_total, nproc,
                                                      eval_batch // nproc)
 
+  overrides = {} if config.model.se_ratio < 0 else {"se_ratio": config.model.se_ratio}
   model = models.create(config.model.name, num_classes=num_classes, dtype=config.model.dtype,
+                        drop_path_rate=config.model.drop_path_rate, **overrides,
                         zero_init_last_bn=config.model.zero_init_last_bn,
                         bn_momentum=config.model.bn_momentum,
                         bn_epsilon=config.model.bn_epsilon,
