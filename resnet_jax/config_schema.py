@@ -175,8 +175,7 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
   need(config.mesh.data in (-1, mesh_data), "mesh.data",
        f"-1 or devices / mesh.fsdp ({mesh_data})")
   for key in ("data.batch_size", "data.eval_batch_size"):
-    section, name = key.split(".")
-    batch = config[section][name]
+    batch = _get(config, key)
     if key == "data.eval_batch_size" and batch == 0:
       continue
     need(batch > 0, key, "a positive batch size")

@@ -26,13 +26,16 @@ def data_dir(tmp_path_factory):
   return path
 
 
+def cli_env(devices: int = 1, **extra) -> dict:
+  """The environment of a child process with `devices` fake CPU devices."""
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu", **extra)
+
+
 def run_cli(args, *, devices: int = 1, env_extra=None, timeout=600):
   """Run `python -m resnet_jax ARGS` in a fresh process with `devices` fake CPU devices."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", "resnet_jax", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "resnet_jax", *args], cwd=REPO,
+                        env=cli_env(devices, **(env_extra or {})),
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -40,3 +43,22 @@ def read_metrics(workdir, split="train"):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   return [r for r in rows if r["split"] == split]
+
+
+def logged_step(workdir) -> int:
+  """The last train step a (possibly still running) run has logged; 0 before the first."""
+  try:
+    return max((m["step"] for m in read_metrics(workdir)), default=0)
+  except (FileNotFoundError, ValueError):
+    return 0
+
+
+def read_checkpoint(workdir, step):
+  """The state saved at `step` in `workdir`, on this process's first device."""
+  from resnet_jax.config_schema import base_config
+  from resnet_jax.training.checkpoints import Checkpoints
+  ckpts = Checkpoints(workdir, base_config().checkpoint)
+  try:
+    return ckpts.read(step)
+  finally:
+    ckpts.close()

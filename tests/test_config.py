@@ -1,6 +1,5 @@
 """Config files, overrides and their errors: one line naming the key, non-zero exit."""
 
-import json
 import os
 
 import pytest

@@ -15,7 +15,7 @@ from resnet_jax.config_schema import base_config
 from resnet_jax.training import checkpoints as ckpt_lib
 from resnet_jax.training.checkpoints import Checkpoints
 
-from conftest import REPO, read_metrics, run_cli
+from conftest import REPO, cli_env, logged_step, read_checkpoint, read_metrics, run_cli
 
 STEPS = 40  # 22 steps/epoch at batch 64: kills land in epoch 1 and mid-epoch 2
 
@@ -28,17 +28,9 @@ def _args(data_dir, workdir, *extra):
 
 
 def _popen(args, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
-  return subprocess.Popen([sys.executable, "-m", "resnet_jax", *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _logged_step(workdir):
-  try:
-    return max((m["step"] for m in read_metrics(workdir)), default=0)
-  except (FileNotFoundError, ValueError):
-    return 0
+  return subprocess.Popen([sys.executable, "-m", "resnet_jax", *args], cwd=REPO,
+                          env=cli_env(devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
 
 
 def _wait_until(predicate, proc, timeout=240):
@@ -53,11 +45,7 @@ def _wait_until(predicate, proc, timeout=240):
 
 
 def _final_state(workdir, step=STEPS):
-  ckpts = Checkpoints(workdir, base_config().checkpoint)
-  try:
-    return ckpts.read(step)
-  finally:
-    ckpts.close()
+  return read_checkpoint(workdir, step)
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +68,15 @@ def test_sigkill_then_rerun_is_bitwise_identical(kill, data_dir, tmp_path, refer
   if kill == "during_async_save":
     # Kill the moment Orbax has a save in flight (its temporary folder exists), past step 10.
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    hit = _wait_until(lambda: _logged_step(workdir) >= 10 and
+    hit = _wait_until(lambda: logged_step(workdir) >= 10 and
                       glob.glob(os.path.join(ckpt_dir, "*.orbax-checkpoint-tmp*")), proc)
   else:
     target = int(kill[4:].split("_")[0])
-    hit = _wait_until(lambda: _logged_step(workdir) >= target, proc)
+    hit = _wait_until(lambda: logged_step(workdir) >= target, proc)
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   assert hit, "the run ended before the kill point"
-  killed_at = _logged_step(workdir)
+  killed_at = logged_step(workdir)
   assert killed_at < STEPS
   rerun = run_cli(_args(data_dir, workdir))
   assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -99,7 +87,7 @@ def test_sigkill_then_rerun_is_bitwise_identical(kill, data_dir, tmp_path, refer
 def test_sigterm_saves_the_current_step_and_exits_143(data_dir, tmp_path, reference):
   workdir = str(tmp_path)
   proc = _popen(_args(data_dir, workdir))
-  assert _wait_until(lambda: _logged_step(workdir) >= 8, proc)
+  assert _wait_until(lambda: logged_step(workdir) >= 8, proc)
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]

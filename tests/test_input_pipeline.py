@@ -30,10 +30,8 @@ def _cfg(mode="batch", **kw):
 
 
 def _stream(builder, data_cfg, *, process_index=0, process_count=1, start_step=0, batch=64):
-  whole = data_cfg.process_sharding == "batch"
-  split = ip.process_split(builder, "train", drop_remainder=True,
-                           process_index=0 if whole else process_index,
-                           process_count=1 if whole else process_count)
+  split = ip.train_split_info(builder, data_cfg, process_index=process_index,
+                              process_count=process_count)
   return ip.train_batches(builder, data_cfg, seed=3, global_batch=batch, start_step=start_step,
                           split_info=split, process_index=process_index,
                           process_count=process_count)

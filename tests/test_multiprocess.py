@@ -10,10 +10,7 @@ import time
 import jax
 import numpy as np
 
-from resnet_jax.config_schema import base_config
-from resnet_jax.training.checkpoints import Checkpoints
-
-from conftest import REPO, read_metrics, run_cli
+from conftest import REPO, cli_env, logged_step, read_checkpoint, read_metrics, run_cli
 
 STEPS = 12
 
@@ -24,11 +21,6 @@ def _args(data_dir, workdir, *extra):
           "--config.log_every_steps=1", "--config.data.batch_size=64",
           "--config.checkpoint.every_steps=100", "--config.eval_every_epochs=100",
           f"--workdir={workdir}", *extra]
-
-
-def _env(devices_per_process):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-              JAX_PLATFORMS="cpu")
 
 
 def _launcher_cmd(nproc, args):
@@ -44,23 +36,8 @@ def _launcher_cmd(nproc, args):
 
 def _launch(nproc, args, devices_per_process=2, **kw):
   cmd, extra_env = _launcher_cmd(nproc, args)
-  return subprocess.Popen(cmd, cwd=REPO, env=dict(_env(devices_per_process), **extra_env),
+  return subprocess.Popen(cmd, cwd=REPO, env=cli_env(devices_per_process, **extra_env),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
-def _state(workdir, step):
-  ckpts = Checkpoints(workdir, base_config().checkpoint)
-  try:
-    return ckpts.read(step)
-  finally:
-    ckpts.close()
-
-
-def _logged_step(workdir):
-  try:
-    return max((m["step"] for m in read_metrics(workdir)), default=0)
-  except (FileNotFoundError, ValueError):
-    return 0
 
 
 def test_one_device_eight_devices_and_two_processes_agree(data_dir, tmp_path):
@@ -73,14 +50,14 @@ def test_one_device_eight_devices_and_two_processes_agree(data_dir, tmp_path):
     proc = run_cli(_args(data_dir, workdir), devices=devices)
     assert proc.returncode == 0, proc.stderr[-2000:]
     losses[name] = [m["loss"] for m in read_metrics(workdir)]
-    params[name] = _state(workdir, STEPS)["params"]
+    params[name] = read_checkpoint(workdir, STEPS)["params"]
   workdir = str(tmp_path / "2proc")
   proc = _launch(2, _args(data_dir, workdir))
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   assert "4 devices on 2 process(es)" in out
   losses["2proc"] = [m["loss"] for m in read_metrics(workdir)]
-  params["2proc"] = _state(workdir, STEPS)["params"]
+  params["2proc"] = read_checkpoint(workdir, STEPS)["params"]
   assert len(losses["1dev"]) == STEPS and losses["1dev"][0] != losses["1dev"][-1]
   for name in ("8dev", "2proc"):
     np.testing.assert_allclose(losses[name], losses["1dev"], rtol=1e-4, err_msg=name)
@@ -96,12 +73,13 @@ def test_killing_one_process_ends_the_other_within_60s(data_dir, tmp_path):
           *_args(data_dir, workdir, "--config.num_train_steps=100000")]
   procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True,
-                            env=dict(_env(2), RESNET_JAX_COORDINATOR=f"127.0.0.1:{port}",
-                                     RESNET_JAX_NUM_PROCESSES="2", RESNET_JAX_PROCESS_ID=str(i)))
+                            env=cli_env(2, RESNET_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                                        RESNET_JAX_NUM_PROCESSES="2",
+                                        RESNET_JAX_PROCESS_ID=str(i)))
            for i in range(2)]
   try:
     deadline = time.time() + 240
-    while _logged_step(workdir) < 5:
+    while logged_step(workdir) < 5:
       assert time.time() < deadline and procs[0].poll() is None, "run did not start"
       time.sleep(0.2)
     procs[1].kill()
@@ -122,7 +100,7 @@ def test_launcher_stops_the_others_when_one_dies(data_dir, tmp_path):
   proc = _launch(2, _args(data_dir, workdir, "--config.num_train_steps=100000"))
   try:
     deadline = time.time() + 240
-    while _logged_step(workdir) < 3:
+    while logged_step(workdir) < 3:
       assert time.time() < deadline and proc.poll() is None, "run did not start"
       time.sleep(0.2)
     children = _python_children(proc.pid)
@@ -162,7 +140,7 @@ def test_sigterm_saves_the_same_step_on_all_processes_and_resumes_on_one(data_di
   long_args = _args(data_dir, workdir, "--config.num_train_steps=40")
   proc = _launch(2, long_args)
   deadline = time.time() + 240
-  while _logged_step(workdir) < 5:
+  while logged_step(workdir) < 5:
     assert time.time() < deadline and proc.poll() is None, "run did not start"
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)

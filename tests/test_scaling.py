@@ -7,7 +7,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from resnet_jax import models
 from resnet_jax.config_schema import base_config

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from resnet_jax import config_cli
-from resnet_jax.config_schema import base_config, check_keys_and_types, check_values
-from resnet_jax.training.checkpoints import Checkpoints
+from resnet_jax.config_schema import check_keys_and_types, check_values
 from resnet_jax.training import trainer
 
-from conftest import DEFAULT_CONFIG, SHARED_DATA, read_metrics, run_cli
+from conftest import DEFAULT_CONFIG, SHARED_DATA, read_checkpoint, read_metrics, run_cli
 
 
 def _config(data_dir, **overrides):
@@ -25,11 +24,7 @@ def _config(data_dir, **overrides):
 
 
 def _restore_params(workdir, step):
-  ckpts = Checkpoints(workdir, base_config().checkpoint)
-  try:
-    restored = ckpts.read(step)
-  finally:
-    ckpts.close()
+  restored = read_checkpoint(workdir, step)
   return restored["params"], restored["batch_stats"]
 
 

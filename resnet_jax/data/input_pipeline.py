@@ -77,7 +77,7 @@ def train_batches(builder, data_cfg, *, seed: int, global_batch: int, start_step
   whole_split = data_cfg.process_sharding == "batch"
   local_batch = global_batch // process_count
   read_batch = global_batch if whole_split else local_batch
-  steps_per_epoch = split_info.num_examples // read_batch
+  steps_per_epoch = train_steps_per_epoch(split_info, data_cfg, global_batch, process_count)
   if steps_per_epoch == 0:
     raise ValueError(f"batch {read_batch} is larger than the {split_info.num_examples} "
                      "train examples read by this process")
@@ -106,6 +106,16 @@ def train_batches(builder, data_cfg, *, seed: int, global_batch: int, start_step
   options.deterministic = True
   ds = ds.with_options(options)
   return ds.as_numpy_iterator()
+
+
+def train_split_info(builder, data_cfg, *, process_index: int | None = None,
+                     process_count: int | None = None) -> SplitInfo:
+  """What this process reads of the train split: all of it with process_sharding="batch"
+  (it keeps its slice of each global batch), its even shard with "split"."""
+  if data_cfg.process_sharding == "batch":
+    process_index, process_count = 0, 1
+  return process_split(builder, data_cfg.train_split, drop_remainder=True,
+                       process_index=process_index, process_count=process_count)
 
 
 def train_steps_per_epoch(split_info: SplitInfo, data_cfg, global_batch: int,

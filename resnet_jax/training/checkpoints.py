@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from resnet_jax.config_schema import ConfigError
+from resnet_jax.training.metrics_log import log_main as _log
 
 
 def code_version() -> str:
@@ -35,11 +36,6 @@ def code_version() -> str:
   except (OSError, subprocess.SubprocessError):
     pass
   return resnet_jax.__version__
-
-
-def _log(msg):
-  if jax.process_index() == 0:
-    print(msg, flush=True)
 
 
 def _manager(directory, *, keep, interval, async_save, best_metric=None, best_mode="max"):

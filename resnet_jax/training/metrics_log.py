@@ -9,6 +9,12 @@ import jax
 import tqdm
 
 
+def log_main(msg: str):
+  """A run-level message, printed once (by process 0) however many processes run."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
 def _fmt(value):
   if isinstance(value, float):
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"

@@ -13,17 +13,12 @@ from resnet_jax.config_schema import ConfigError
 from resnet_jax.data import datasets, image_folder, input_pipeline
 from resnet_jax.training import checkpoints, mesh as mesh_lib, optimizer, state as state_lib
 from resnet_jax.training import steps
-from resnet_jax.training.metrics_log import MetricsLog
+from resnet_jax.training.metrics_log import MetricsLog, log_main as _log
 from resnet_jax.training.preemption import Preempted, PreemptionWatcher
 
 
 class NonFiniteError(FloatingPointError):
   """Training produced NaN/Inf; the message names the step and the quantity."""
-
-
-def _log(msg: str):
-  if jax.process_index() == 0:
-    print(msg, flush=True)
 
 
 def check_finite(step: int, metrics: dict, last_saved):
@@ -82,17 +77,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   image_shape = tuple(builder.info.features["image"].shape)
 
   splits = {}
-  whole_train_split = data_cfg.process_sharding == "batch"
-  for key, name, drop in (("data.train_split", data_cfg.train_split, True),
-                          ("data.eval_split", data_cfg.eval_split, False)):
+  for key, read in (
+      ("data.train_split", lambda: input_pipeline.train_split_info(builder, data_cfg)),
+      ("data.eval_split", lambda: input_pipeline.process_split(builder, data_cfg.eval_split,
+                                                               drop_remainder=False))):
     try:
-      if key == "data.train_split" and whole_train_split:
-        splits[key] = input_pipeline.process_split(builder, name, drop_remainder=True,
-                                                   process_index=0, process_count=1)
-      else:
-        splits[key] = input_pipeline.process_split(builder, name, drop_remainder=drop)
+      splits[key] = read()
     except KeyError as e:
-      raise ConfigError(f"config key '{key}'={name!r}: {e.args[0]}") from e
+      raise ConfigError(f"config key '{key}'={data_cfg[key.split('.')[1]]!r}: "
+                        f"{e.args[0]}") from e
   train_split, eval_split = splits["data.train_split"], splits["data.eval_split"]
   batch = data_cfg.batch_size
   eval_batch = data_cfg.eval_batch_size or batch
