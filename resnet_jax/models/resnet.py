@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from resnet_jax.models import blocks
+from resnet_jax.models.conv import Conv
 from resnet_jax.models.ghost_batch_norm import GhostBatchNorm
 
 # He et al. initialise convs with fan-out normal (as torchvision does).
@@ -48,7 +49,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     def conv(features, kernel_size, strides=(1, 1), groups=1, name=None):
-      return nn.Conv(features, kernel_size, strides, padding=_symmetric_padding(kernel_size),
+      return Conv(features, kernel_size, strides, padding=_symmetric_padding(kernel_size),
                      feature_group_count=groups, use_bias=False, kernel_init=CONV_INIT,
                      dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
