@@ -21,11 +21,16 @@ TORCHVISION_1000 = {
     "resnext101_64x4d": 83_455_272,
 }
 # timm's (torchvision has none of these).
-TIMM_1000 = {"resnet200": 64_673_832, "seresnet50": 28_088_024, "seresnet18": 11_778_592}
+TIMM_1000 = {"resnet200": 64_673_832, "seresnet50": 28_088_024, "seresnet18": 11_778_592,
+             "resnet50d": 25_576_264}
 # He et al. 2015, Table 6 (10 classes, option-A shortcuts): 0.27M .. 19.4M, printed rounded.
 PAPER_CIFAR_M = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85,
                  "resnet110": 1.7, "resnet1202": 19.4}
 # Exact counts, pinned so a change of the architecture is noticed.
+# Option B adds a 1x1 conv + BN where the width grows (16->32, 32->64): +2,752.
+# WRN-28-10: Zagoruyko & Komodakis' 36.5M (their reference code's exact count).
+CIFAR_EXACT_OTHER = {"resnet20_b": 272_474, "resnet56_b": 855_770, "resnet110_b": 1_730_714,
+                     "wide_resnet28_10": 36_479_194}
 CIFAR_EXACT = {"resnet8": 75_290, "resnet20": 269_722, "resnet32": 464_154,
                "resnet44": 658_586, "resnet56": 853_018, "resnet110": 1_727_962,
                "resnet1202": 19_421_274}
@@ -161,3 +166,87 @@ def test_stochastic_depth_is_random_in_training_and_off_in_eval():
   np.testing.assert_allclose(model.apply(variables, x), base.apply(variables, x), rtol=1e-6)
   np.testing.assert_allclose(run(models.create("resnet20", 10, drop_path_rate=0.0), 1),
                              run(base, 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,expected", sorted(CIFAR_EXACT_OTHER.items()))
+def test_cifar_option_b_and_wide_resnet_param_counts(name, expected):
+  assert param_count(name, 10, 32) == expected
+
+
+def _param_shapes(name, size=64, num_classes=10):
+  model = models.create(name, num_classes=num_classes)
+  v = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+  return {jax.tree_util.keystr(p): x.shape
+          for p, x in jax.tree_util.tree_flatten_with_path(v["params"])[0]}
+
+
+def test_v1_is_v15_plus_conv_biases_with_the_stride_moved_to_the_1x1():
+  v15, v1 = _param_shapes("resnet50"), _param_shapes("resnet50_v1")
+  assert {k: v for k, v in v1.items() if not k.endswith("['bias']") or "bn" in k
+          or "head" in k} == v15
+  conv_biases = [k for k in v1 if "conv" in k and k.endswith("['bias']")]
+  assert len(conv_biases) == 53          # every conv of ResNet-50 (Keras' use_bias=True)
+  x = jnp.zeros((1, 64, 64, 3))
+  inner = {}
+  for name in ("resnet50", "resnet50_v1"):
+    model = models.create(name, num_classes=10)
+    _, state = model.init_with_output(jax.random.PRNGKey(0), x,
+                                      capture_intermediates=True)
+    conv1 = state["intermediates"]["stage2_block1"]["conv1"]["__call__"][0]
+    inner[name] = conv1.shape[1]
+  assert inner == {"resnet50": 16, "resnet50_v1": 8}   # 64/4 in, halved by the 1x1 in v1
+
+
+def test_resnet_d_has_a_deep_stem_and_average_pool_shortcuts():
+  shapes = _param_shapes("resnet50d")
+  assert shapes["['stem_conv1']['kernel']"] == (3, 3, 3, 32)
+  assert shapes["['stem_conv3']['kernel']"] == (3, 3, 32, 64)
+  # stride-1 1x1 projections: the 2x2 average pool before them does the downsampling.
+  assert shapes["['stage2_block1']['shortcut']['conv']['kernel']"] == (1, 1, 256, 512)
+
+
+def test_average_pool_shortcut_matches_torch_ceil_mode_on_odd_sizes():
+  """AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False): the last row/column of an
+  odd-sized map is averaged over the pixels that exist."""
+  from resnet_jax.models.blocks import _avg_pool_ceil
+  x = np.arange(2 * 5 * 5 * 3, dtype=np.float32).reshape(2, 5, 5, 3)
+  out = np.asarray(_avg_pool_ceil(jnp.asarray(x), 2))
+  expected = np.zeros((2, 3, 3, 3), np.float32)
+  for i in range(3):
+    for j in range(3):
+      expected[:, i, j] = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(axis=(1, 2))
+  np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_v2_is_pre_activation_with_keras_strides_at_the_end_of_stages():
+  model = models.create("resnet50_v2", num_classes=1000)
+  feats = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.PRNGKey(0), x, return_features=True)[0],
+      jnp.zeros((1, 224, 224, 3)))
+  assert {k: v.shape[1:] for k, v in feats.items() if k.startswith("stage")} == {
+      "stage1": (28, 28, 256), "stage2": (14, 14, 512), "stage3": (7, 7, 1024),
+      "stage4": (7, 7, 2048)}
+  shapes = _param_shapes("resnet50_v2")
+  assert "['stem_bn']['scale']" not in shapes and "['final_bn']['scale']" in shapes
+  assert "['stage1_block3']['shortcut']['conv']['kernel']" not in shapes   # subsampled
+
+
+def test_zero_init_makes_every_residual_block_the_identity_at_init():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  for preact in (False, True):   # v1: last BN scale = 0; v2: last conv kernel = 0
+    model = models.create("resnet20", num_classes=10, zero_init_last_bn=True, preact=preact)
+    feats = model.apply(model.init(jax.random.PRNGKey(1), x), x, return_features=True)
+    # Stage 1 keeps the width: each of its blocks passes its input through unchanged.
+    assert feats["stage1"].shape == feats["stem"].shape
+    np.testing.assert_allclose(feats["stage1"], feats["stem"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(feats["stage2"], 0)
+
+
+def test_macs_from_xla_and_counted_match_the_published_figures():
+  from resnet_jax.models import flops
+  resnet50 = models.create("resnet50", num_classes=1000)
+  # torchvision publishes 4.09 GFLOPS (multiply-adds, padding positions included).
+  assert abs(flops.analytic_macs(resnet50, 224) / 1e9 - 4.089) < 0.005
+  # XLA does not count multiply-adds with zero padding: a little less.
+  assert 3.9 < flops.xla_macs(resnet50, 224) / 1e9 < 4.1
+  assert abs(flops.analytic_macs(models.create("resnet18", 1000), 224) / 1e9 - 1.814) < 0.005

@@ -35,6 +35,34 @@ for _depth, _n in _CIFAR_N.items():
                                         block="basic", stem="cifar", stem_width=16,
                                         shortcut="zero_pad")
 
+# The other flavours of every ImageNet depth (see resnet.py's docstring):
+#   resnetN_v1: the original (Caffe) model as Keras ships it -- stride in the first 1x1,
+#               a bias on every conv, Keras' BN epsilon.
+#   resnetNd:   ResNet-D (timm's resnet50d): deep 32-32-64 stem, average-pool shortcut.
+#   resnetN_v2: pre-activation (He et al. 2016) exactly as Keras' ResNet50V2: biases where
+#               no BN follows, stride in the last block of stages 1-3.
+_KERAS_BN_EPSILON = 1.001e-5
+for _depth in _IMAGENET_DEPTHS:
+  _v15 = MODEL_SPECS[f"resnet{_depth}"]
+  MODEL_SPECS[f"resnet{_depth}_v1"] = dict(_v15, stride_in_1x1=True, conv_bias=True,
+                                           bn_epsilon=_KERAS_BN_EPSILON)
+  MODEL_SPECS[f"resnet{_depth}d"] = dict(_v15, stem="deep", stem_width=32,
+                                         shortcut="avg_projection")
+  MODEL_SPECS[f"resnet{_depth}_v2"] = dict(_v15, preact=True, conv_bias=True,
+                                           downsample_at="end", bn_epsilon=_KERAS_BN_EPSILON)
+
+# The paper's CIFAR nets with option-B shortcuts (projection where the width grows).
+for _depth in _CIFAR_N:
+  MODEL_SPECS[f"resnet{_depth}_b"] = dict(MODEL_SPECS[f"resnet{_depth}"], shortcut="projection")
+
+# CIFAR Wide ResNets (Zagoruyko & Komodakis 2016): WRN-d-k is a pre-activation net of
+# (d-4)/6 basic blocks per stage, widths 16k/32k/64k, 1x1-conv shortcuts where shapes change.
+for _depth, _k in ((16, 8), (28, 10), (40, 4)):
+  _n = (_depth - 4) // 6
+  MODEL_SPECS[f"wide_resnet{_depth}_{_k}"] = dict(
+      stage_sizes=(_n, _n, _n), stage_widths=tuple(w * _k for w in _CIFAR_WIDTHS),
+      block="basic", stem="cifar", stem_width=16, shortcut="projection", preact=True)
+
 # Wide ResNet (Zagoruyko & Komodakis; torchvision's ImageNet variants) and ResNeXt
 # (Xie et al.): the same bottleneck stages with a wider or grouped 3x3 conv.
 for _name, _depth, _groups, _width in (("wide_resnet50_2", 50, 1, 128),

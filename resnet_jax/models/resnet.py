@@ -23,7 +23,16 @@ def _symmetric_padding(kernel_size):
 class ResNet(nn.Module):
   """Stem -> stages of residual blocks -> global average pool -> linear classifier.
 
-  stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "cifar" (one 3x3 conv, no pool).
+  stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool), "deep" (three 3x3 convs, stem_width,
+    stem_width, 2*stem_width, then the max-pool: ResNet-D / timm's resnet50d) or "cifar"
+    (one 3x3 conv, no pool).
+  Flavours, each a field (see registry.py for the named rows):
+    v1.5 (default, torchvision): stride in the bottleneck's 3x3 conv.
+    v1 (Caffe / Keras ResNet50): stride_in_1x1=True, conv_bias=True.
+    D (timm resnet50d): stem="deep", stem_width=32, shortcut="avg_projection".
+    v2 pre-activation (He et al. 2016, Keras ResNet50V2): preact=True -- every block is
+      BN-ReLU-conv, the stem has no BN, one BN-ReLU closes the network; Keras places the
+      stride in the *last* block of stages 1..n-1 (downsample_at="end").
   num_classes=0 drops the classifier: the model returns pre-logits (a backbone).
   __call__(..., return_features=True) returns {"stem", "stage1".., "pre_logits", "logits"}
   (as timm's features_only / Keras' include_top=False, plus the rest).
@@ -43,15 +52,23 @@ class ResNet(nn.Module):
   width_per_group: int = 64       # bottleneck width rule (Wide ResNet: 128)
   se_ratio: float = 0.0           # > 0: squeeze-and-excitation in every block
   drop_path_rate: float = 0.0     # stochastic depth, rising linearly to this at the last block
+  preact: bool = False            # v2: pre-activation blocks
+  stride_in_1x1: bool = False     # v1: the bottleneck's stride in its first 1x1 conv
+  conv_bias: bool = False         # Keras-style biases (v1: every conv; v2: see blocks.py)
+  downsample_at: str = "start"    # "start" of stages 2..n, or "end" of stages 1..n-1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    def conv(features, kernel_size, strides=(1, 1), groups=1, name=None):
+    def conv(features, kernel_size, strides=(1, 1), groups=1, bias=None, kernel_init=None,
+             name=None):
+      # bias=None: the model's conv_bias; blocks pass False where BN follows in v2.
       return Conv(features, kernel_size, strides, padding=_symmetric_padding(kernel_size),
-                     feature_group_count=groups, use_bias=False, kernel_init=CONV_INIT,
-                     dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                  feature_group_count=groups,
+                  use_bias=self.conv_bias if bias is None else bias,
+                  kernel_init=kernel_init or CONV_INIT, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=name)
 
     # BN statistics are computed over whatever batch the caller passes; under jit with a
     # batch sharded over the mesh that is the *global* batch (XLA inserts the all-reduce).
@@ -64,32 +81,38 @@ class ResNet(nn.Module):
     norm = functools.partial(norm, use_running_average=not train, momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=jnp.float32,
                              param_dtype=self.param_dtype)
-    if self.block == "basic":
-      block_cls = blocks.BasicBlock
-    elif self.block == "bottleneck":
-      block_cls = functools.partial(blocks.BottleneckBlock, groups=self.groups,
-                                    width_per_group=self.width_per_group)
-    else:
-      raise ValueError(f"unknown block {self.block!r}; expected 'basic' or 'bottleneck'")
+    block_cls = _block_class(self.block, self.preact)
+    if self.block == "bottleneck":
+      block_cls = functools.partial(block_cls, groups=self.groups,
+                                    width_per_group=self.width_per_group,
+                                    stride_in_1x1=self.stride_in_1x1)
 
     features = {}
     x = x.astype(self.dtype)
+    # In v2 the stem is a bare conv: the first block's BN-ReLU normalises its output.
+    stem_act = (lambda y, name: y) if self.preact else (
+        lambda y, name: nn.relu(norm(name=name)(y)))
     if self.stem == "imagenet":
-      x = conv(self.stem_width, (7, 7), (2, 2), name="stem_conv")(x)
-      x = nn.relu(norm(name="stem_bn")(x))
-      features["stem"] = x            # stride 2, before the pool (as timm's feature_info)
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = stem_act(conv(self.stem_width, (7, 7), (2, 2), name="stem_conv")(x), "stem_bn")
+    elif self.stem == "deep":
+      x = stem_act(conv(self.stem_width, (3, 3), (2, 2), name="stem_conv1")(x), "stem_bn1")
+      x = stem_act(conv(self.stem_width, (3, 3), name="stem_conv2")(x), "stem_bn2")
+      x = stem_act(conv(2 * self.stem_width, (3, 3), name="stem_conv3")(x), "stem_bn3")
     elif self.stem == "cifar":
-      x = conv(self.stem_width, (3, 3), name="stem_conv")(x)
-      x = nn.relu(norm(name="stem_bn")(x))
-      features["stem"] = x
+      x = stem_act(conv(self.stem_width, (3, 3), name="stem_conv")(x), "stem_bn")
     else:
-      raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet' or 'cifar'")
+      raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet', 'deep' or 'cifar'")
+    features["stem"] = x              # before the pool (as timm's feature_info)
+    if self.stem in ("imagenet", "deep"):
+      # Zero padding, as Keras does: the same as -inf padding after a ReLU (v1), and what
+      # Keras' v2 weights expect where the stem has no ReLU.
+      x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2))
 
     total_blocks, index = sum(self.stage_sizes), 0
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
       for j in range(num_blocks):
-        strides = 2 if i > 0 and j == 0 else 1
+        strides = 2 if self._downsamples(i, j) else 1
         x = block_cls(width, strides, conv=conv, norm=norm, act=nn.relu,
                       shortcut=self.shortcut, zero_init_last_bn=self.zero_init_last_bn,
                       se_ratio=self.se_ratio, train=train,
@@ -98,6 +121,8 @@ class ResNet(nn.Module):
         index += 1
       features[f"stage{i + 1}"] = x
 
+    if self.preact:
+      x = nn.relu(norm(name="final_bn")(x))
     x = jnp.mean(x, axis=(1, 2))
     features["pre_logits"] = x.astype(jnp.float32)
     if self.num_classes > 0:
@@ -108,3 +133,20 @@ class ResNet(nn.Module):
     if return_features:
       return features
     return features.get("logits", features["pre_logits"])
+
+  def _downsamples(self, stage: int, block: int) -> bool:
+    last_stage = len(self.stage_sizes) - 1
+    if self.downsample_at == "start":
+      return stage > 0 and block == 0
+    if self.downsample_at == "end":
+      return stage < last_stage and block == self.stage_sizes[stage] - 1
+    raise ValueError(f"unknown downsample_at {self.downsample_at!r}; expected 'start' or 'end'")
+
+
+def _block_class(block: str, preact: bool):
+  classes = {("basic", False): blocks.BasicBlock, ("bottleneck", False): blocks.BottleneckBlock,
+             ("basic", True): blocks.PreActBasicBlock,
+             ("bottleneck", True): blocks.PreActBottleneckBlock}
+  if (block, preact) not in classes:
+    raise ValueError(f"unknown block {block!r}; expected 'basic' or 'bottleneck'")
+  return classes[block, preact]
