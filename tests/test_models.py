@@ -250,3 +250,16 @@ def test_macs_from_xla_and_counted_match_the_published_figures():
   # XLA does not count multiply-adds with zero padding: a little less.
   assert 3.9 < flops.xla_macs(resnet50, 224) / 1e9 < 4.1
   assert abs(flops.analytic_macs(models.create("resnet18", 1000), 224) / 1e9 - 1.814) < 0.005
+
+
+def test_models_command_prints_params_macs_and_reference():
+  import subprocess
+  import sys
+  from conftest import REPO
+  out = subprocess.run([sys.executable, "-m", "resnet_jax.models", "resnet20", "--markdown"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "| resnet20 | 32x32 | 269,722 | 0.04 | 0.04 | He et al. 2015" in out.stdout
+  bad = subprocess.run([sys.executable, "-m", "resnet_jax.models", "resnet51"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "unknown model 'resnet51'" in bad.stderr
