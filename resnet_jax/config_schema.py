@@ -33,7 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""                # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.manual_dir = ""              # files TFDS prepares from instead of downloading
   c.data.image_folder = ""            # dataset "image_folder": <root>/<split>/<class>/img
-  c.data.image_size = 0               # image_folder (required): resize to this square size
+  c.data.image_size = 0               # image_folder (required): resize to this square size;
+                                      #   preprocess "imagenet" (required): the crop size
   c.data.corrupt_images = "skip"      # image_folder: skip (and count) | error
   c.data.mean = (0.0,)                # per-channel, 0..255 units; (0.0,) = dataset default
   c.data.std = (0.0,)
@@ -49,6 +50,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prefetch = 2                 # batches prepared ahead on the host
   c.data.crop_padding = 0             # train: pad by this many pixels, random-crop back
   c.data.random_flip = False          # train: random left-right flip
+  c.data.preprocess = "cifar"         # cifar: fixed-size decoded images, optional pad-crop
+                                      #   (crop_padding) and flip; imagenet: images stay
+                                      #   encoded, train random-resized crop + flip, eval
+                                      #   resize + center crop (data/imagenet_preprocess.py)
+  c.data.crop_pct = 0.875             # imagenet eval: center image_size crop of the image
+                                      #   resized to image_size / crop_pct (224 of 256)
+  c.data.antialias = False            # imagenet: antialiased resizes (True: as torchvision
+                                      #   with PIL; False: TF's reference recipe, faster)
+  c.data.channel_order = "RGB"        # RGB | BGR (Caffe-style weights); data.mean/std are in
+                                      #   this order (dataset defaults are flipped for BGR)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 0.1     # peak learning rate
@@ -91,6 +102,8 @@ _CHOICES = {
     "nan_policy": ("stop", "skip"),
     "data.corrupt_images": ("skip", "error"),
     "data.process_sharding": ("batch", "split"),
+    "data.preprocess": ("cifar", "imagenet"),
+    "data.channel_order": ("RGB", "BGR"),
     "checkpoint.best_mode": ("max", "min"),
     "checkpoint.best_metric": ("", "top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"),
 }
@@ -223,9 +236,28 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
   need(all(v > 0 for v in config.data.std) or tuple(config.data.std) == (0.0,), "data.std",
        "positive values")
   need(config.data.crop_padding >= 0, "data.crop_padding", ">= 0")
+  _check_preprocess(config, need)
   need(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0 (0 = whole split)")
   need(config.data.prefetch >= 0, "data.prefetch", ">= 0")
   need(config.eval_every_epochs > 0, "eval_every_epochs", "> 0")
   need(config.log_every_steps > 0, "log_every_steps", "> 0")
   need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "> 0")
   need(config.checkpoint.keep > 0, "checkpoint.keep", "> 0")
+
+
+def _check_preprocess(config, need) -> None:
+  """data.preprocess and the keys that only make sense with one of its values."""
+  from resnet_jax.data import datasets
+  data = config.data
+  imagenet = data.preprocess == "imagenet"
+  spec = datasets.DATASETS[data.dataset]
+  need(imagenet or not spec.variable_size, "data.preprocess",
+       f"'imagenet' for dataset '{data.dataset}' (its images vary in size, so batches need "
+       "the crop to data.image_size)")
+  need(not imagenet or data.image_size > 0, "data.image_size",
+       "> 0 with data.preprocess='imagenet' (the size of the square crops)")
+  need(not imagenet or data.crop_padding == 0, "data.crop_padding",
+       "0 with data.preprocess='imagenet' (it random-resized-crops instead)")
+  need(0 < data.crop_pct <= 1, "data.crop_pct", "in (0, 1] (0.875: 224 of 256)")
+  need(data.eval_split not in spec.unlabeled_splits, "data.eval_split",
+       f"a labelled split ('{data.eval_split}' of {data.dataset} has no labels)")

@@ -4,7 +4,12 @@ holding <split>/<class>/<file>), e.g. ../shared/data/cifar10_jpeg.
 Every file is decoded once when the dataset is prepared, so a corrupt image is found there,
 not in the middle of a training run: it is skipped and counted (the list is kept in the
 dataset's metadata and printed), or, with corrupt="error", preparation stops naming it.
-Examples are stored re-encoded losslessly (PNG), which makes the prepared copy deterministic.
+
+Two ways to store the examples:
+  - decoded (default): resized to image_size x image_size and re-encoded losslessly (PNG),
+    which makes the prepared copy deterministic and lets the pipeline batch them as they are;
+  - keep_encoded=True: the original file bytes, any size, for the ImageNet-style pipeline
+    (imagenet_preprocess.py), which crops and resizes at train time from the encoded bytes.
 """
 
 import hashlib
@@ -66,11 +71,15 @@ def find_splits(root: str) -> list[str]:
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
 
-  def __init__(self, *, root_dir: str, image_size: int, corrupt: str, **kwargs):
+  def __init__(self, *, root_dir: str, image_size: int, corrupt: str,
+               keep_encoded: bool = False, **kwargs):
     self._root_dir = os.path.abspath(os.path.expanduser(root_dir))
     self._image_size = image_size
     self._corrupt = corrupt
-    digest = hashlib.sha1(f"{self._root_dir}|{image_size}".encode()).hexdigest()[:10]
+    self._keep_encoded = keep_encoded
+    # Encoded copies do not depend on image_size: one prepared copy serves every crop size.
+    variant = "encoded" if keep_encoded else str(image_size)
+    digest = hashlib.sha1(f"{self._root_dir}|{variant}".encode()).hexdigest()[:10]
     name = f"{os.path.basename(self._root_dir.rstrip('/')) or 'root'}_{digest}".lower()
     config = tfds.core.BuilderConfig(name="".join(c if c.isalnum() else "_" for c in name))
     super().__init__(config=config, **kwargs)
@@ -87,9 +96,15 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     size = self._image_size
+    if self._keep_encoded:
+      # The original bytes pass through unchanged (TFDS stores bytes as given; the format
+      # name is only a default for arrays, which we never pass).
+      image = tfds.features.Image(shape=(None, None, 3))
+    else:
+      image = tfds.features.Image(shape=(size, size, 3))
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(size, size, 3)),
+            "image": image,
             "label": tfds.features.ClassLabel(names=self._class_names()),
             "file": tfds.features.Text(),
         }),
@@ -103,7 +118,10 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in find_splits(self._root_dir)}
 
   def _decode(self, data: bytes):
+    """What is stored for one file; decoding it here is also what finds corrupt files."""
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    if self._keep_encoded:
+      return data
     size = self._image_size
     if image.shape[:2] != (size, size):
       image = tf.image.resize(image, (size, size), antialias=True)

@@ -7,6 +7,11 @@ would have seen from step k on: no iterator state needs saving.
 
 Eval: every example of the process's shard exactly once, the last batch padded with
 masked-out examples; all processes yield the same number of batches.
+
+data.preprocess picks what happens to an image: "cifar" reads fixed-size decoded images and
+optionally pad-crops and flips them; "imagenet" reads the encoded bytes (TFDS SkipDecoding)
+and crops, decodes and resizes them with imagenet_preprocess.py. Either way batches hold
+uint8 images; mean/std normalisation happens on device.
 """
 
 import dataclasses
@@ -17,6 +22,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from resnet_jax.data import imagenet_preprocess
 
 # tf.data only runs on the host; keep TensorFlow off any accelerator jax owns.
 tf.config.set_visible_devices([], "GPU")
@@ -44,24 +51,55 @@ def process_split(builder, split: str, *, drop_remainder: bool,
   return SplitInfo(shard, builder.info.splits[shard].num_examples, total)
 
 
-def _decoded(builder, split_info: SplitInfo, cache: bool) -> tf.data.Dataset:
+def _examples(builder, split_info: SplitInfo, data_cfg) -> tf.data.Dataset:
+  """{"image", "label"} of the split: decoded images, or encoded bytes (a scalar string) for
+  data.preprocess="imagenet", which decodes only the crop it needs."""
+  encoded = data_cfg.preprocess == "imagenet"
   ds = builder.as_dataset(split=split_info.read_split, shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()} if encoded else None,
                           read_config=tfds.ReadConfig(add_tfds_id=False))
   ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)},
               num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.cache() if cache else ds
+  return ds.cache() if data_cfg.cache else ds
 
 
-def _augment(example, seed, crop_padding: int, random_flip: bool):
+def _augment(example, seed, data_cfg):
+  """Train-time transform of one example, from its stateless seed."""
+  if data_cfg.preprocess == "imagenet":
+    image = imagenet_preprocess.train_image(
+        example["image"], seed, data_cfg.image_size, random_flip=data_cfg.random_flip,
+        antialias=data_cfg.antialias, channel_order=data_cfg.channel_order)
+    return {"image": image, "label": example["label"]}
   image = example["image"]
+  crop_padding = data_cfg.crop_padding
   if crop_padding:
     h, w, c = image.shape
     image = tf.pad(image, [[crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]])
     image = tf.image.stateless_random_crop(image, (h, w, c), seed=seed)
-  if random_flip:
+  if data_cfg.random_flip:
     flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  image = imagenet_preprocess.to_channel_order(image, data_cfg.channel_order)
   return {"image": image, "label": example["label"]}
+
+
+def _eval_transform(example, data_cfg):
+  image = example["image"]
+  if data_cfg.preprocess == "imagenet":
+    image = imagenet_preprocess.eval_image(
+        image, data_cfg.image_size, crop_pct=data_cfg.crop_pct, antialias=data_cfg.antialias,
+        channel_order=data_cfg.channel_order)
+  else:
+    image = imagenet_preprocess.to_channel_order(image, data_cfg.channel_order)
+  return {"image": image, "label": example["label"]}
+
+
+def image_shape(builder, data_cfg) -> tuple[int, ...]:
+  """The shape of one image in the batches: the crop for data.preprocess="imagenet" (the
+  stored images vary in size), else the dataset's fixed image shape."""
+  if data_cfg.preprocess == "imagenet":
+    return (data_cfg.image_size, data_cfg.image_size, 3)
+  return tuple(builder.info.features["image"].shape)
 
 
 def train_batches(builder, data_cfg, *, seed: int, global_batch: int, start_step: int,
@@ -81,7 +119,7 @@ def train_batches(builder, data_cfg, *, seed: int, global_batch: int, start_step
   if steps_per_epoch == 0:
     raise ValueError(f"batch {read_batch} is larger than the {split_info.num_examples} "
                      "train examples read by this process")
-  base = _decoded(builder, split_info, data_cfg.cache)
+  base = _examples(builder, split_info, data_cfg)
   buffer = data_cfg.shuffle_buffer or split_info.num_examples
   examples_per_epoch = steps_per_epoch * read_batch
 
@@ -94,7 +132,7 @@ def train_batches(builder, data_cfg, *, seed: int, global_batch: int, start_step
       ds = ds.filter(lambda i, _: (i % global_batch) // local_batch == process_index)
     def augment(index, example):
       example_seed = tf.stack([tf.cast(seed, tf.int64) * 65_537 + epoch, index])
-      return _augment(example, example_seed, data_cfg.crop_padding, data_cfg.random_flip)
+      return _augment(example, example_seed, data_cfg)
     return ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
 
   start_epoch, offset = divmod(start_step, steps_per_epoch)
@@ -130,8 +168,9 @@ def eval_batches(builder, data_cfg, *, batch_size: int, split_info: SplitInfo,
   """`num_batches` per-process batches with a `mask`; padding examples have mask 0."""
   key = (split_info.read_split, batch_size)
   if key not in dataset_cache:  # build (and cache in memory) once per run
-    ds = _decoded(builder, split_info, data_cfg.cache)
-    ds = ds.map(lambda ex: dict(ex, mask=tf.constant(True)))
+    ds = _examples(builder, split_info, data_cfg)
+    ds = ds.map(lambda ex: dict(_eval_transform(ex, data_cfg), mask=tf.constant(True)),
+                num_parallel_calls=tf.data.AUTOTUNE)
     pad = num_batches * batch_size - split_info.num_examples
     element = ds.element_spec
     padding = tf.data.Dataset.from_tensors(

@@ -74,7 +74,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
          f"dataset was prepared, e.g. {skipped[0]} (all listed in {builder.data_dir}"
          "/metadata.json)")
   num_classes = builder.info.features["label"].num_classes
-  image_shape = tuple(builder.info.features["image"].shape)
+  image_shape = input_pipeline.image_shape(builder, data_cfg)
 
   splits = {}
   for key, read in (
