@@ -27,6 +27,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.se_ratio = -1.0             # squeeze-excitation ratio; -1 = as the named model
   c.model.drop_path_rate = 0.0        # stochastic depth at the last block (linear from 0)
   c.model.bn_group_size = 0           # 0: BN over the global batch; G: "ghost" BN per G examples
+  c.model.pretrained = ""             # path to a resnet_jax .safetensors (from `python -m
+                                      #   resnet_jax.convert` or an export): params and
+                                      #   batch_stats initialise from it (the head afresh if
+                                      #   num_classes differs); its mean/std/channel_order
+                                      #   fill data keys left at default. A run resuming its
+                                      #   own checkpoint continues from that instead.
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "sklearn_digits"   # a key of resnet_jax.data.datasets.DATASETS

@@ -173,12 +173,7 @@ def load(path: str) -> tuple[dict, dict]:
   ValueError naming the file when it is not one of ours or does not fit its model.
   """
   from safetensors import safe_open  # noqa: PLC0415
-  header = read_header(path)
-  if header.get("format") != FORMAT:
-    raise ValueError(f"{path}: not a resnet_jax weights file (format "
-                     f"{header.get('format')!r}); convert it with "
-                     "`python -m resnet_jax.convert import`")
-  info = _parse_info(path, header)
+  info = read_info(path)
   flat: dict[str, dict] = {c: {} for c in COLLECTIONS}
   with safe_open(path, framework="numpy") as f:
     for key in f.keys():
@@ -196,6 +191,17 @@ def load(path: str) -> tuple[dict, dict]:
     raise ValueError(f"{path}: header says num_classes={info['num_classes']}, the head has "
                      f"{num_classes_of(variables)}")
   return variables, info
+
+
+def read_info(path: str) -> dict:
+  """`load`'s info from the header alone (no tensor is read); ValueError naming the file
+  when it is not one of ours."""
+  header = read_header(path)
+  if header.get("format") != FORMAT:
+    raise ValueError(f"{path}: not a resnet_jax weights file (format "
+                     f"{header.get('format')!r}); convert it with "
+                     "`python -m resnet_jax.convert import`")
+  return _parse_info(path, header)
 
 
 def _parse_info(path: str, header: Mapping[str, str]) -> dict:

@@ -11,8 +11,8 @@ import numpy as np
 from resnet_jax import models
 from resnet_jax.config_schema import ConfigError
 from resnet_jax.data import datasets, image_folder, input_pipeline
-from resnet_jax.training import checkpoints, mesh as mesh_lib, optimizer, state as state_lib
-from resnet_jax.training import steps
+from resnet_jax.training import checkpoints, mesh as mesh_lib, optimizer, pretrained
+from resnet_jax.training import state as state_lib, steps
 from resnet_jax.training.metrics_log import MetricsLog, log_main as _log
 from resnet_jax.training.preemption import Preempted, PreemptionWatcher
 
@@ -62,12 +62,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Raises Preempted (after saving) on SIGTERM/SIGINT and NonFiniteError on NaN/Inf.
   """
   os.makedirs(workdir, exist_ok=True)
+  pretrained_path = pretrained.resolve_path(config)
+  pretrained_info = None
+  if pretrained_path:
+    # Checked before anything slow; the file's preprocessing may fill data keys (below), so
+    # the run works on a copy whose config.json and checkpoints record what was used.
+    pretrained_info = pretrained.read_info(pretrained_path, config.model.name)
+    config = config.copy_and_resolve_references()
   data_cfg = config.data
   mesh = mesh_lib.create_mesh(config.mesh)
   nproc = jax.process_count()
 
   builder = datasets.prepare_builder(data_cfg)
-  mean, std = datasets.normalization(data_cfg)
   skipped = image_folder.skipped_files(builder) if data_cfg.dataset == "image_folder" else []
   if skipped:
     _log(f"{data_cfg.image_folder}: {len(skipped)} corrupt image file(s) skipped when the "
@@ -75,6 +81,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
          "/metadata.json)")
   num_classes = builder.info.features["label"].num_classes
   image_shape = input_pipeline.image_shape(builder, data_cfg)
+  if pretrained_info is not None:
+    pretrained.fill_preprocessing(data_cfg, pretrained_info, pretrained_path, image_shape)
+  mean, std = datasets.normalization(data_cfg)
 
   splits = {}
   for key, read in (
@@ -118,9 +127,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpts = checkpoints.Checkpoints(workdir, config.checkpoint)
   identity = {"model": config.model.name, "dataset": data_cfg.dataset,
               "num_classes": num_classes}
+  loaded = None
   try:
     state, start_step = ckpts.restore_latest(
         checkpoints.abstract_with_shardings(abstract_state, state_sharding), expect=identity)
+    if state is None and pretrained_info is not None:
+      # A fresh run only: resuming continues from the run's own checkpoint.
+      loaded = pretrained.load_variables(pretrained_path, abstract_state, pretrained_info,
+                                         num_classes=num_classes, model_name=config.model.name,
+                                         channels=image_shape[-1])
   except BaseException:
     ckpts.close()
     raise
@@ -130,6 +145,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   else:
     start_step = 0
     state = jax.jit(init_fn, out_shardings=state_sharding)()
+    if loaded is not None:
+      state = pretrained.apply(state, loaded, tx, state_sharding, ema=use_ema)
   param_bytes, param_bytes_total = mesh_lib.bytes_per_device(state.params)
   _log(f"mesh {dict(mesh.shape)}: params take {param_bytes:,} of {param_bytes_total:,} bytes "
        "on each device")
