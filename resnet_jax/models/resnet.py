@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from resnet_jax.models import blocks
+from resnet_jax.models import pool
+from resnet_jax.models.batch_norm import BatchNorm
 from resnet_jax.models.conv import Conv
 from resnet_jax.models.ghost_batch_norm import GhostBatchNorm
 
@@ -77,7 +79,7 @@ class ResNet(nn.Module):
     if self.bn_group_size > 0:
       norm = functools.partial(GhostBatchNorm, self.bn_group_size)
     else:
-      norm = nn.BatchNorm
+      norm = BatchNorm
     norm = functools.partial(norm, use_running_average=not train, momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=jnp.float32,
                              param_dtype=self.param_dtype)
@@ -107,7 +109,7 @@ class ResNet(nn.Module):
       # Zero padding, as Keras does: the same as -inf padding after a ReLU (v1), and what
       # Keras' v2 weights expect where the stem has no ReLU.
       x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2))
+      x = pool.max_pool(x, (3, 3), (2, 2))
 
     total_blocks, index = sum(self.stage_sizes), 0
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
