@@ -1,4 +1,5 @@
-"""The CPU lowering (conv.py "cpu": 1x1 convs as matrix products, strided dx by phases;
+"""The CPU lowering (conv.py "cpu": 1x1 convs as matrix products, strided dx by phases,
+im2col patches for convs of <= 4 input channels;
 pool.py's max-pool gradient; batch_norm.py's closed-form gradient) computes the same numbers
 as the straightforward path ("native": lax.conv_general_dilated, nn.max_pool, flax's
 BatchNorm, all differentiated by JAX), to float32 rounding, forward and backward."""
@@ -43,13 +44,16 @@ def test_auto_is_cpu_on_the_cpu_backend_and_impls_are_checked():
     (3, 1, "SAME", (9, 9)),
     (3, 2, ((1, 1), (1, 1)), (10, 10)),  # strided 3x3 (torchvision padding)
     (3, 2, ((1, 1), (1, 1)), (9, 11)),   # odd sizes: phases of unequal length
-    (7, 2, ((3, 3), (3, 3)), (15, 16)),  # the ImageNet stem
+    (7, 2, ((3, 3), (3, 3)), (15, 16)),  # the ImageNet stem's shape, 6 channels: phases
+    (7, 2, ((3, 3), (3, 3)), (15, 17, 3)),  # ... and RGB: im2col patches
+    (3, 1, ((1, 1), (1, 1)), (9, 9, 1)),    # greyscale CIFAR-style stem: patches
     (5, 3, ((2, 1), (0, 3)), (13, 12)),  # asymmetric padding, stride 3
     (2, 2, "VALID", (8, 8)),             # a tap set that misses some phases entirely
 ])
 def test_conv_forward_and_gradients_match_native(kernel, strides, padding, hw):
   rng = np.random.default_rng(kernel * 10 + strides)
-  x, w = _rand(rng, 2, *hw, 6), _rand(rng, kernel, kernel, 6, 5)
+  channels = hw[2] if len(hw) == 3 else 6
+  x, w = _rand(rng, 2, *hw[:2], channels), _rand(rng, kernel, kernel, channels, 5)
   cotangent = None
 
   def run(impl):

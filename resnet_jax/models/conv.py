@@ -7,7 +7,8 @@ and weight converters do not care which lowering ran. Only the computation diffe
   "cpu":    what XLA:CPU runs fastest, found by profiling train steps (see
             experiments/performance.md): 1x1 convolutions as 2-D matrix products with a
             hand-written backward (`_pointwise`), kxk convolutions native forward but the dx
-            of strided ones as stride-1 convolutions per input phase (`_dx_by_phases`).
+            of strided ones as stride-1 convolutions per input phase (`_dx_by_phases`),
+            and convolutions of <= 4 input channels (the stem) over im2col patches.
             batch_norm.py and pool.py follow the same switch.
   "auto":   "cpu" when tracing for the CPU backend, "native" otherwise (the default).
 
@@ -150,6 +151,47 @@ def _spatial_bwd(strides, padding, res, dy):
   return _dx_by_phases(dy, kernel, x.shape, strides, padding), dw
 
 
+# --- convolutions of very few input channels (the RGB stem): im2col ------------------
+# XLA:CPU computes dw as a convolution whose batch is the input channels; with 3 of them
+# the ResNet-18 stem's dw took 0.42 s of a 2.7 s step. As one matrix product over im2col
+# patches (kept from the forward, where they also feed the forward product) it is a GEMM.
+_PATCHES_MAX_CHANNELS = 4
+
+
+def _patches(x, kernel_hw, strides, padding):
+  """[N, Ho, Wo, kh*kw*C]: every output pixel's input window, in HWIO order."""
+  (kh, kw), (sh, sw) = kernel_hw, strides
+  xp = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
+  n, hp, wp, c = xp.shape
+  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+  return jnp.concatenate(
+      [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                 (1, sh, sw, 1)) for i in range(kh) for j in range(kw)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _patches_conv(x, kernel, strides, padding):
+  return _patches_fwd(x, kernel, strides, padding)[0]
+
+
+def _patches_fwd(x, kernel, strides, padding):
+  kh, kw, c, f = kernel.shape
+  cols = _patches(x, (kh, kw), strides, padding)
+  y = _dot(_flat(cols), kernel.reshape(kh * kw * c, f)).reshape(cols.shape[:3] + (f,))
+  return y, (x, cols, kernel)
+
+
+def _patches_bwd(strides, padding, res, dy):
+  x, cols, kernel = res
+  dw = _dot_tn(_flat(cols), _flat(dy)).reshape(kernel.shape)
+  # The stem's dx is unused (its input is data) and then removed by XLA.
+  _, vjp = jax.vjp(lambda x: _native(x, kernel, strides, padding), x)
+  return vjp(dy)[0], dw
+
+
+_patches_conv.defvjp(_patches_fwd, _patches_bwd)
+
+
 def _phase(r, k, s, lo, size, out_size):
   """For input positions h = s*a + r of one dimension: (first tap i0, taps T, the lo/hi
   padding of dy that makes dx_r a stride-1 VALID correlation, and how many a there are)."""
@@ -201,6 +243,8 @@ def cpu_conv(x, kernel, strides, padding):
   kh, kw = kernel.shape[:2]
   if kh == kw == 1 and all(tuple(p) == (0, 0) for p in padding):
     return _pointwise(x, kernel, tuple(strides))
+  if kernel.shape[2] <= _PATCHES_MAX_CHANNELS:
+    return _patches_conv(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
   return _spatial(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
 
 
