@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"           # compute dtype; params and BN statistics stay fp32
   c.model.zero_init_last_bn = False
   c.model.bn_momentum = 0.9
-  c.model.bn_epsilon = 1e-5
+  c.model.bn_epsilon = 0.0            # 0 = as the named model (1e-5; Keras-layout v1/v2: 1.001e-5)
   c.model.se_ratio = -1.0             # squeeze-excitation ratio; -1 = as the named model
   c.model.drop_path_rate = 0.0        # stochastic depth at the last block (linear from 0)
   c.model.bn_group_size = 0           # 0: BN over the global batch; G: "ghost" BN per G examples
@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 1.0
   c.num_train_steps = -1              # > 0 overrides num_epochs
   c.stop_after_steps = -1             # > 0: save and exit at this step (resume later)
+  c.eval_only = False                 # evaluate the starting state (model.pretrained, or the
+                                      #   workdir's latest checkpoint) and stop: no training,
+                                      #   no checkpoint written (results.json is)
   c.eval_every_epochs = 1.0
   c.log_every_steps = 50
   c.nan_policy = "stop"               # non-finite loss/grads/params: stop | skip (and count)
@@ -214,7 +217,7 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
   need(list(config.schedule.decay_epochs) == sorted(config.schedule.decay_epochs),
        "schedule.decay_epochs", "increasing epochs")
   need(0 < config.model.bn_momentum < 1, "model.bn_momentum", "in (0, 1)")
-  need(config.model.bn_epsilon > 0, "model.bn_epsilon", "> 0")
+  need(config.model.bn_epsilon >= 0, "model.bn_epsilon", ">= 0 (0: the named model's own)")
   need(config.model.se_ratio == -1 or 0 <= config.model.se_ratio <= 1, "model.se_ratio",
        "-1 (as the named model) or in [0, 1]")
   need(0 <= config.model.drop_path_rate < 1, "model.drop_path_rate", "in [0, 1)")

@@ -61,9 +61,10 @@ def main(argv=None) -> int:
   if jax.process_index() == 0:
     top5 = next((f", {k}={v:.4f}" for k, v in result.items() if k.startswith("top") and
                  k != "top1"), "")
+    how = "no training" if result.get("eval_only") else f"{result['train_seconds']:.0f}s training"
     print(f"final test accuracy: top1={result['top1']:.4f}{top5} "
-          f"({result['examples']:.0f} examples, step {result['step']}, "
-          f"{result['train_seconds']:.0f}s training); workdir {workdir}")
+          f"({result['examples']:.0f} examples, step {result['step']}, {how}); "
+          f"workdir {workdir}")
   return 0
 
 

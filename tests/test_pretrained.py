@@ -240,3 +240,32 @@ def test_a_headless_file_gets_a_fresh_head(tmp_path, capsys):
   assert loaded["params"][("head", "kernel")] is None
   np.testing.assert_array_equal(loaded["params"][("stem_conv", "kernel")],
                                 backbone["params"]["stem_conv"]["kernel"])
+
+
+def test_eval_only_scores_the_starting_weights_without_training_or_saving(
+    folder, tfds_dir, tmp_path, capsys):
+  """eval_only evaluates what a run would start from: the workdir's latest checkpoint
+  (exactly the metrics that run's own final evaluation logged) or, in a fresh workdir,
+  model.pretrained. Nothing is trained and no checkpoint is written."""
+  path = tmp_path / "w.safetensors"
+  _save(path, num_classes=10)
+  trained = str(tmp_path / "trained")
+  overrides = _overrides(folder, tfds_dir, path, num_train_steps=1, stop_after_steps=-1)
+  final = trainer.train_and_evaluate(_config(overrides), trained)
+  assert final["step"] == 1 and final["examples"] == 20
+
+  again = trainer.train_and_evaluate(_config(dict(overrides, eval_only=True)), trained)
+  assert "resumed from" in capsys.readouterr().out
+  assert again["eval_only"] and again["step"] == 1
+  for key in ("top1", "loss", "examples"):
+    assert again[key] == final[key], key     # the same state through the same eval step
+
+  fresh = tmp_path / "fresh"
+  code = cli.main(_argv(dict(overrides, eval_only=True), fresh))
+  out = capsys.readouterr().out
+  assert code == 0 and "37 arrays from" in out and "no training" in out, out
+  scored = json.load(open(fresh / "results.json"))
+  assert scored["eval_only"] and scored["step"] == 0 and scored["examples"] == 20
+  # The file's weights; the trained run's differ only by BN statistics moved 1e-6.
+  np.testing.assert_allclose(scored["loss"], final["loss"], rtol=1e-4)
+  assert not list((fresh / "checkpoints").glob("*"))

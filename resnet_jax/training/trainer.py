@@ -109,11 +109,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                      eval_batch // nproc)
 
   overrides = {} if config.model.se_ratio < 0 else {"se_ratio": config.model.se_ratio}
+  if config.model.bn_epsilon > 0:   # else the model's own (Keras-layout weights: 1.001e-5)
+    overrides["bn_epsilon"] = config.model.bn_epsilon
   model = models.create(config.model.name, num_classes=num_classes, dtype=config.model.dtype,
                         drop_path_rate=config.model.drop_path_rate, **overrides,
                         zero_init_last_bn=config.model.zero_init_last_bn,
                         bn_momentum=config.model.bn_momentum,
-                        bn_epsilon=config.model.bn_epsilon,
                         bn_group_size=config.model.bn_group_size)
   schedule = optimizer.create_schedule(config.optimizer, config.schedule,
                                        steps_per_epoch=steps_per_epoch, total_steps=total_steps)
@@ -204,6 +205,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last_eval = dict(last_eval, **{f"ema_{k}": v for k, v in result.items()})
     ckpts.save_best(step, state, meta(step, {}), last_eval)
     return last_eval
+
+  if config.eval_only:
+    fresh = loaded is None and ckpts.latest_step() is None
+    ckpts.close()
+    if fresh:
+      _log("eval_only: evaluating freshly initialised weights (no model.pretrained and no "
+           "checkpoint in the workdir)")
+    result = {"step": start_step, "train_seconds": 0.0, "eval_only": True}
+    for name, eval_step in eval_steps.items():
+      metrics = run_eval(eval_step, state, mesh, builder, data_cfg, eval_split,
+                         batch_size=eval_batch // nproc, num_batches=num_eval_batches,
+                         cache=eval_cache)
+      _log(f"{name}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+      result.update(metrics if name == "eval" else {f"ema_{k}": v for k, v in metrics.items()})
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
 
   stop_at = total_steps
   if config.stop_after_steps > 0:
