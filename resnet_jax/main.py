@@ -21,7 +21,8 @@ def default_workdir(config_path: str) -> str:
 def check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # One probe per process: processes of one run check the same workdir at the same time.
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
     with open(probe, "w"):
       pass
     os.remove(probe)

@@ -49,11 +49,17 @@ def _final_state(workdir, step=STEPS):
 
 
 @pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
+def reference_dir(data_dir, tmp_path_factory):
+  """An uninterrupted run on 1 device, every 5th step's checkpoint kept."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  proc = run_cli(_args(data_dir, workdir))
+  proc = run_cli(_args(data_dir, workdir, "--config.checkpoint.keep=10"))
   assert proc.returncode == 0, proc.stderr[-2000:]
-  return _final_state(workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+  return _final_state(reference_dir)
 
 
 def _assert_same_params(a, b):
@@ -170,15 +176,21 @@ def test_best_checkpoint_and_metadata(data_dir, tmp_path):
 
 @pytest.mark.parametrize("saved_on,resumed_on", [(8, 1), (1, 4)])
 def test_topology_change_restores_and_continues(saved_on, resumed_on, data_dir, tmp_path,
-                                                reference):
-  """Same process count, different device count: the data order is identical, so the
-  resumed run follows the reference up to float reduction order (rtol 1e-4 on losses)."""
+                                                reference_dir):
+  """Same process count, different device count: the data order is identical, so the run
+  matches the 1-device reference up to float reduction order, at the save and 5 steps after
+  the resume on the new topology.
+
+  Why not at the end: this recipe is chaotic around steps 20-40 (the warm-up peak).
+  Measured, two uninterrupted runs on 1 and on 8 devices agree to 5e-7 at step 20 and differ
+  by 20% at step 40, so any comparison there tests luck, not the restore."""
   workdir = str(tmp_path)
   first = run_cli(_args(data_dir, workdir, "--config.stop_after_steps=20"), devices=saved_on)
   assert first.returncode == 0, first.stderr[-2000:]
-  second = run_cli(_args(data_dir, workdir), devices=resumed_on)
+  second = run_cli(_args(data_dir, workdir, "--config.stop_after_steps=25"), devices=resumed_on)
   assert second.returncode == 0, second.stderr[-2000:]
   assert f"{resumed_on} devices" in second.stdout and "checkpoints/20" in second.stdout
-  final = _final_state(workdir)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
-               final["params"], reference["params"])
+  for step, rtol in ((20, 1e-5), (25, 2e-3)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=2e-5),
+                 _final_state(workdir, step)["params"],
+                 _final_state(reference_dir, step)["params"])
