@@ -76,30 +76,28 @@ def leaf_key(collection: str, path: tuple[str, ...], avg_down: bool = False) -> 
   return f"{module_key(path[:-1], avg_down)}.{names[leaf]}"
 
 
+def _torch_axes(leaf: str, ndim: int) -> tuple[int, ...]:
+  """Our axes in the order torch stores them: conv kernels HWIO -> OIHW, dense kernels
+  (in, out) -> (out, in), everything else as is."""
+  if leaf == "kernel" and ndim == 4:
+    return (3, 2, 0, 1)
+  if leaf == "kernel" and ndim == 2:
+    return (1, 0)
+  return tuple(range(ndim))
+
+
 def to_torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   """The shape torch stores for one of our leaves of `shape`."""
-  if leaf == "kernel" and len(shape) == 4:   # HWIO -> OIHW
-    return (shape[3], shape[2], shape[0], shape[1])
-  if leaf == "kernel" and len(shape) == 2:   # (in, out) -> (out, in)
-    return (shape[1], shape[0])
-  return tuple(shape)
+  return tuple(shape[a] for a in _torch_axes(leaf, len(shape)))
 
 
 def _to_torch_array(leaf: str, x: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and x.ndim == 4:
-    x = np.transpose(x, (3, 2, 0, 1))
-  elif leaf == "kernel" and x.ndim == 2:
-    x = x.T
   # safetensors (and torch.from_numpy users) want contiguous buffers.
-  return np.ascontiguousarray(x)
+  return np.ascontiguousarray(np.transpose(x, _torch_axes(leaf, x.ndim)))
 
 
 def _from_torch_array(leaf: str, x: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and x.ndim == 4:
-    x = np.transpose(x, (2, 3, 1, 0))
-  elif leaf == "kernel" and x.ndim == 2:
-    x = x.T
-  return np.ascontiguousarray(x)
+  return np.ascontiguousarray(np.transpose(x, np.argsort(_torch_axes(leaf, x.ndim))))
 
 
 def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict:
