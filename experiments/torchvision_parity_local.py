@@ -150,24 +150,6 @@ def write_stub(dest: str, wheel: str = DEFAULT_WHEEL) -> str:
   return dest
 
 
-def randomise(module, seed: int):
-  """Non-default weights everywhere, BN running stats included (the default mean 0 / var 1
-  would hide a mean/var or scale/bias mix-up)."""
-  import torch  # noqa: PLC0415
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in module.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        n = m.num_features
-        m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
-        m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-        m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-        m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-      elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
-        m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-  return module.eval()
-
-
 def torch_outputs(module, x):
   """{"stage1".."stage4", "logits"} of a torchvision/timm ResNet (NCHW), via hooks."""
   import torch  # noqa: PLC0415
@@ -186,6 +168,8 @@ def compare(name: str, module, size: int, batch: int, seed: int = 0) -> dict:
   import jax  # noqa: PLC0415
   import torch  # noqa: PLC0415
   from resnet_jax import convert, models  # noqa: PLC0415
+  # The same randomisation as the test suite's parity check (main() puts tests/ on the path).
+  from test_torchvision_parity import randomise  # noqa: PLC0415
   randomise(module, seed)
   state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
   variables = convert.variables_from_state_dict(state, name)
@@ -232,6 +216,8 @@ def main():
     print(write_stub(args.write_stub, args.wheel))
     return
   sys.path.insert(0, write_stub(tempfile.mkdtemp(prefix="tvstub-"), args.wheel))
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "tests"))
   import torch  # noqa: PLC0415
   import torchvision.models as tvm  # noqa: PLC0415  (the stand-in)
   torch.set_num_threads(os.cpu_count() or 1)
