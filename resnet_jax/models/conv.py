@@ -84,6 +84,27 @@ def _dot_tn(a, b):
   return lax.dot_general(a, b, (((0,), (0,)), ((), ())))
 
 
+def window_taps(xp, window, strides):
+  """[((i, j), tap)] for every offset of a VALID window over NHWC `xp`, row-major: tap is
+  the input pixel each output pixel meets at that offset, [N, Ho, Wo, C]."""
+  (kh, kw), (sh, sw) = window, strides
+  n, h, w, c = xp.shape
+  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  return [((i, j), lax.slice(xp, (0, i, j, 0),
+                             (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                             (1, sh, sw, 1)))
+          for i in range(kh) for j in range(kw)]
+
+
+def place_tap(part, offset, strides, hw):
+  """The transpose of taking one tap: `part` [N, Ho, Wo, C] put back on the pixels it was
+  read from in an [N, h, w, C] map (offset + stride * k), zeros everywhere else."""
+  zero = jnp.zeros((), part.dtype)
+  pads = [(o, size - o - (out - 1) * s - 1, s - 1)
+          for o, s, size, out in zip(offset, strides, hw, part.shape[1:3])]
+  return lax.pad(part, zero, [(0, 0, 0)] + pads + [(0, 0, 0)])
+
+
 # --- 1x1 convolutions: matrix products on [pixels, channels] -----------------------------
 # XLA:CPU runs a 1x1 convolution's backward as a general convolution with transposed
 # operands (measured: dw of 56x56x64->256, batch 32, 10x slower than the 2-D product).
@@ -113,11 +134,7 @@ def _pointwise_bwd(strides, res, dy):
   dw = _dot_tn(_flat(_pick(x, strides)), dy2d).reshape(kernel.shape)
   dxs = lax.dot_general(dy2d, w2d, (((1,), (1,)), ((), ()))).reshape(dy.shape[:3] + (-1,))
   if tuple(strides) != (1, 1):
-    # Interior padding puts dxs back on the pixels the forward read; the rest get zero.
-    pads = [(0, 0, 0)]
-    for d, s in zip((1, 2), strides):
-      pads.append((0, x.shape[d] - ((dy.shape[d] - 1) * s + 1), s - 1))
-    dxs = lax.pad(dxs, jnp.zeros((), dxs.dtype), pads + [(0, 0, 0)])
+    dxs = place_tap(dxs, (0, 0), strides, x.shape[1:3])
   return dxs, dw
 
 
@@ -151,6 +168,9 @@ def _spatial_bwd(strides, padding, res, dy):
   return _dx_by_phases(dy, kernel, x.shape, strides, padding), dw
 
 
+_spatial.defvjp(_spatial_fwd, _spatial_bwd)
+
+
 # --- convolutions of very few input channels (the RGB stem): im2col ------------------
 # XLA:CPU computes dw as a convolution whose batch is the input channels; with 3 of them
 # the ResNet-18 stem's dw took 0.42 s of a 2.7 s step. As one matrix product over im2col
@@ -160,13 +180,8 @@ _PATCHES_MAX_CHANNELS = 4
 
 def _patches(x, kernel_hw, strides, padding):
   """[N, Ho, Wo, kh*kw*C]: every output pixel's input window, in HWIO order."""
-  (kh, kw), (sh, sw) = kernel_hw, strides
   xp = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
-  n, hp, wp, c = xp.shape
-  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-  return jnp.concatenate(
-      [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                 (1, sh, sw, 1)) for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.concatenate([tap for _, tap in window_taps(xp, kernel_hw, strides)], axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -213,6 +228,8 @@ def _dx_by_phases(dy, kernel, x_shape, strides, padding):
   """
   kh, kw, c, _ = kernel.shape
   (sh, sw), (n, h, w, _) = strides, x_shape
+  # Every phase is padded to the first's size so they interleave by a reshape; crop after.
+  full_h, full_w = -(-h // sh), -(-w // sw)
   rows = []
   for rh in range(sh):
     i0, th, pad_h, ah = _phase(rh, kh, sh, padding[0][0], h, dy.shape[1])
@@ -226,16 +243,11 @@ def _dx_by_phases(dy, kernel, x_shape, strides, padding):
         dyp = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), pad_h + (0,), pad_w + (0,),
                                                     (0, 0, 0)))
         part = _native(dyp, jnp.swapaxes(sub, 2, 3), (1, 1), ((0, 0), (0, 0)))
-      # Pad every phase to the first's size so they interleave by a reshape; crop after.
-      full_h, full_w = -(-h // sh), -(-w // sw)
       row.append(jnp.pad(part, ((0, 0), (0, full_h - ah), (0, full_w - aw), (0, 0))))
     rows.append(jnp.stack(row, axis=3))                     # [N, A, B, sw, C]
   dx = jnp.stack(rows, axis=2)                              # [N, A, sh, B, sw, C]
   dx = dx.reshape(n, dx.shape[1] * sh, dx.shape[3] * sw, c)
   return dx[:, :h, :w]
-
-
-_spatial.defvjp(_spatial_fwd, _spatial_bwd)
 
 
 def cpu_conv(x, kernel, strides, padding):

@@ -13,24 +13,13 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from resnet_jax.models import conv
 
 
-def _taps(x, window, strides):
-  """[(i, j, x[:, i::sh, j::sw][:, :ho, :wo])] for every window offset, row-major."""
-  (kh, kw), (sh, sw) = window, strides
-  n, h, w, c = x.shape
-  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-  return [(i, j, lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                           (1, sh, sw, 1)))
-          for i in range(kh) for j in range(kw)]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _max_pool_taps(x, window, strides):
-  return functools.reduce(jnp.maximum, [t for _, _, t in _taps(x, window, strides)])
+  return functools.reduce(jnp.maximum, [t for _, t in conv.window_taps(x, window, strides)])
 
 
 def _fwd(x, window, strides):
@@ -40,18 +29,12 @@ def _fwd(x, window, strides):
 
 def _bwd(window, strides, res, dy):
   x, y = res
-  (sh, sw), (_, h, w, _) = strides, x.shape
   dx = jnp.zeros_like(x)
   taken = jnp.zeros(y.shape, bool)
-  zero = jnp.zeros((), dy.dtype)
-  for i, j, tap in _taps(x, window, strides):
+  for offset, tap in conv.window_taps(x, window, strides):
     first = (tap == y) & ~taken
     taken = taken | first
-    part = jnp.where(first, dy, zero)
-    # Back onto the input pixels this tap read: offset (i, j), stride gaps filled with 0.
-    ho, wo = part.shape[1:3]
-    dx = dx + lax.pad(part, zero, ((0, 0, 0), (i, h - i - (ho - 1) * sh - 1, sh - 1),
-                                   (j, w - j - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
+    dx = dx + conv.place_tap(jnp.where(first, dy, 0), offset, strides, x.shape[1:3])
   return (dx,)
 
 
