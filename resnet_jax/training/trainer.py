@@ -56,6 +56,12 @@ def write_config(config, workdir: str):
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def _write_results(workdir: str, result: dict) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(result, f, indent=2)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train `config` in `workdir` (resuming if it holds checkpoints); return final eval.
 
@@ -191,18 +197,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   force=force):
       last_saved = step
 
-  def evaluate(step):
-    """Raw weights (and their EMA, logged as eval_ema); returns the raw weights' metrics."""
-    nonlocal last_eval
+  def score(report):
+    """Every eval step over the eval split: the raw weights' metrics, their EMA's as ema_*.
+    report(name, metrics) is told each (name "eval" or "eval_ema") as it is computed."""
+    merged = {}
     for name, eval_step in eval_steps.items():
-      result = run_eval(eval_step, state, mesh, builder, data_cfg, eval_split,
-                        batch_size=eval_batch // nproc, num_batches=num_eval_batches,
-                        cache=eval_cache)
-      log.write(step, name, result)
-      if name == "eval":
-        last_eval = result
-      else:
-        last_eval = dict(last_eval, **{f"ema_{k}": v for k, v in result.items()})
+      metrics = run_eval(eval_step, state, mesh, builder, data_cfg, eval_split,
+                         batch_size=eval_batch // nproc, num_batches=num_eval_batches,
+                         cache=eval_cache)
+      report(name, metrics)
+      merged.update(metrics if name == "eval" else {f"ema_{k}": v for k, v in metrics.items()})
+    return merged
+
+  def evaluate(step):
+    """Raw weights (and their EMA, logged as eval_ema); returns the metrics, best kept."""
+    nonlocal last_eval
+    last_eval = score(lambda name, metrics: log.write(step, name, metrics))
     ckpts.save_best(step, state, meta(step, {}), last_eval)
     return last_eval
 
@@ -212,16 +222,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if fresh:
       _log("eval_only: evaluating freshly initialised weights (no model.pretrained and no "
            "checkpoint in the workdir)")
-    result = {"step": start_step, "train_seconds": 0.0, "eval_only": True}
-    for name, eval_step in eval_steps.items():
-      metrics = run_eval(eval_step, state, mesh, builder, data_cfg, eval_split,
-                         batch_size=eval_batch // nproc, num_batches=num_eval_batches,
-                         cache=eval_cache)
-      _log(f"{name}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
-      result.update(metrics if name == "eval" else {f"ema_{k}": v for k, v in metrics.items()})
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    result = dict(score(lambda name, metrics: _log(
+        f"{name}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))),
+                  step=start_step, train_seconds=0.0, eval_only=True)
+    _write_results(workdir, result)
     return result
 
   stop_at = total_steps
@@ -284,7 +288,5 @@ def train_and_evaluate(config, workdir: str) -> dict:
   result = dict(result, step=final_step, train_seconds=round(train_seconds, 1),
                 param_bytes_per_device=param_bytes, param_bytes_total=param_bytes_total,
                 skipped_steps=int(jax.device_get(state.skipped_steps)))
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(result, f, indent=2)
+  _write_results(workdir, result)
   return result
