@@ -183,6 +183,7 @@ class _Workload:
 def _compile_step(work, mesh, first_batch):
   """(initial state, compiled step, compile seconds)."""
   import jax
+  from resnet_jax.models import conv as conv_lib
   from resnet_jax.training import mesh as mesh_lib, state as state_lib, steps
   init_fn = state_lib.make_init_fn(work.model, work.tx, (1,) + work.shape, seed=0)
   state_sharding = mesh_lib.state_shardings(jax.eval_shape(init_fn), mesh)
@@ -192,7 +193,7 @@ def _compile_step(work, mesh, first_batch):
                                   mean=work.mean, std=work.std)
   train_step = jax.jit(step_fn, in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
                        out_shardings=(state_sharding, mesh_lib.replicated(mesh)),
-                       donate_argnums=(0,))
+                       donate_argnums=(0,), compiler_options=conv_lib.compiler_options())
   t0 = time.perf_counter()
   compiled = train_step.lower(state, first_batch).compile()
   return state, compiled, time.perf_counter() - t0

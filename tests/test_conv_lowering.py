@@ -1,10 +1,11 @@
-"""The CPU lowering (conv.py "cpu": 1x1 convs as matrix products, strided dx by phases,
-im2col patches for convs of <= 4 input channels;
-pool.py's max-pool gradient; batch_norm.py's closed-form gradient) computes the same numbers
+"""The CPU lowering (conv.py "cpu": 1x1 convs as matrix products, strided dx by phases, dw
+over a materialised input, Eigen rather than YNNPACK convolutions; pool.py's max-pool
+gradient; batch_norm.py's closed-form gradient) computes the same numbers
 as the straightforward path ("native": lax.conv_general_dilated, nn.max_pool, flax's
 BatchNorm, all differentiated by JAX), to float32 rounding, forward and backward."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -45,8 +46,8 @@ def test_auto_is_cpu_on_the_cpu_backend_and_impls_are_checked():
     (3, 2, ((1, 1), (1, 1)), (10, 10)),  # strided 3x3 (torchvision padding)
     (3, 2, ((1, 1), (1, 1)), (9, 11)),   # odd sizes: phases of unequal length
     (7, 2, ((3, 3), (3, 3)), (15, 16)),  # the ImageNet stem's shape, 6 channels: phases
-    (7, 2, ((3, 3), (3, 3)), (15, 17, 3)),  # ... and RGB: im2col patches
-    (3, 1, ((1, 1), (1, 1)), (9, 9, 1)),    # greyscale CIFAR-style stem: patches
+    (7, 2, ((3, 3), (3, 3)), (15, 17, 3)),  # ... and RGB
+    (3, 1, ((1, 1), (1, 1)), (9, 9, 1)),    # greyscale CIFAR-style stem
     (5, 3, ((2, 1), (0, 3)), (13, 12)),  # asymmetric padding, stride 3
     (2, 2, "VALID", (8, 8)),             # a tap set that misses some phases entirely
 ])
@@ -69,6 +70,34 @@ def test_conv_forward_and_gradients_match_native(kernel, strides, padding, hw):
   assert y.shape == y_ref.shape
   _close(y_ref, y)
   _close(grads_ref, grads)
+
+
+def test_materialised_input_is_bit_identical():
+  # dw reads x through a product with the identity (conv._materialised): x * 1 plus zeros.
+  rng = np.random.default_rng(4)
+  x = jnp.maximum(_rand(rng, 2, 5, 5, 16) * 1e3, 0) + _rand(rng, 2, 5, 5, 16) * 1e-30
+  np.testing.assert_array_equal(jax.jit(conv._materialised)(x), x)
+
+
+def test_cpu_lowering_compiles_convolutions_outside_ynnpack():
+  assert conv.compiler_options("native") is None
+  options = conv.compiler_options("cpu")
+  assert options and "CONVOLUTION" not in options["xla_cpu_experimental_ynn_fusion_type"]
+  x, w = jnp.ones((2, 32, 32, 64)), jnp.ones((3, 3, 64, 64))  # big enough for YNNPACK
+  f = lambda x, w: conv.conv2d(x, w, impl="cpu")  # noqa: E731
+
+  default = jax.jit(f).lower(x, w).compile().as_text()
+  ours = jax.jit(f, compiler_options=options).lower(x, w).compile().as_text()
+  assert _convolutions_in_ynn(default) == 1    # the premise: by default YNNPACK takes it
+  assert _convolutions_in_ynn(ours) == 0 and "convolution(" in ours
+
+
+def _convolutions_in_ynn(hlo: str) -> int:
+  """How many YNNPACK fusions of a compiled module's text compute a convolution."""
+  callees = re.findall(r"calls=%([\w.]+), .*__ynn_fusion", hlo)
+  bodies = [re.search(rf"^%{re.escape(c)} \(.*?^}}", hlo, re.S | re.M).group(0)
+            for c in callees]
+  return sum("convolution(" in body for body in bodies)
 
 
 def test_grouped_and_dilated_convs_keep_the_native_path():
@@ -153,8 +182,12 @@ def test_whole_train_step_gradients_match_native(name, size, train):
   labels = jnp.arange(4) % 10
   variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
 
-  @functools.partial(jax.jit, static_argnums=2)
   def loss_and_grads(variables, x, impl):
+    # Compiled as the trainer compiles it, with the lowering's XLA options.
+    return jax.jit(functools.partial(_loss_and_grads, impl=impl),
+                   compiler_options=conv.compiler_options(impl))(variables, x)
+
+  def _loss_and_grads(variables, x, impl):
     def loss(p):
       with conv.use_impl(impl):
         logits, new = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,

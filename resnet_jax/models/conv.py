@@ -5,11 +5,12 @@ and weight converters do not care which lowering ran. Only the computation diffe
 
   "native": `lax.conv_general_dilated` and its autodiff -- cuDNN / TPU convolutions.
   "cpu":    what XLA:CPU runs fastest, found by profiling train steps (see
-            experiments/performance.md): 1x1 convolutions as 2-D matrix products with a
-            hand-written backward (`_pointwise`), kxk convolutions native forward but the dx
-            of strided ones as stride-1 convolutions per input phase (`_dx_by_phases`),
-            and convolutions of <= 4 input channels (the stem) over im2col patches.
-            batch_norm.py and pool.py follow the same switch.
+            experiments/performance.md): kxk convolutions on XLA's Eigen kernels rather
+            than YNNPACK's (`compiler_options()`, which every jit running a model passes),
+            their weight gradient over a materialised input (`_spatial_bwd`), the dx of
+            strided ones as stride-1 convolutions per input phase (`_dx_by_phases`), and
+            1x1 convolutions as 2-D matrix products with a hand-written backward
+            (`_pointwise`). batch_norm.py and pool.py follow the same switch.
   "auto":   "cpu" when tracing for the CPU backend, "native" otherwise (the default).
 
 Choose with `set_impl(...)`, the context manager `use_impl(...)` or the environment variable
@@ -62,6 +63,34 @@ def resolve_impl(impl: str | None = None) -> str:
   if impl not in IMPLS:
     raise ValueError(f"unknown conv impl {impl!r}; expected one of {IMPLS}")
   return impl
+
+
+# XLA:CPU hands convolutions, dots and reductions to YNNPACK by default. Its convolutions
+# ran slower than XLA's own (Eigen) ones on every ResNet layer measured, its weight gradients
+# 1.8-3x slower (56x56x64, batch 32: dw 59 vs 184 GFLOP/s); its dots stay much faster than
+# Eigen's. So the "cpu" lowering compiles with YNNPACK for dots and reductions only.
+_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def _cpu_options_accepted() -> bool:
+  """Whether this jaxlib knows the option (it is experimental): a rejected option would fail
+  every compile, a missing one only costs speed."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(
+        jnp.zeros((), jnp.float32)).compile()
+    return True
+  except Exception:  # noqa: BLE001 -- any rejection means "run without it"
+    return False
+
+
+def compiler_options(impl: str | None = None) -> dict | None:
+  """`jax.jit(..., compiler_options=...)` for a function that runs these convolutions: the
+  XLA:CPU settings the "cpu" lowering was measured with, None for native/other backends."""
+  if resolve_impl(impl) != "cpu" or jax.default_backend() != "cpu":
+    return None
+  return dict(_CPU_COMPILER_OPTIONS) if _cpu_options_accepted() else None
 
 
 def _native(x, kernel, strides, padding):
@@ -145,9 +174,22 @@ _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 # The generic dx of a strided convolution is a convolution over dy dilated s-fold
 # (lhs_dilation), which XLA:CPU runs on a slow path (in a ResNet-50 step: two of them ~0.45 s
 # of ~6.5 s); `_dx_by_phases` does the same multiply-adds as s*s stride-1 convolutions.
+# XLA computes dw over [C, H, W, N]-transposed copies of x and dy. Left alone, it fuses x's
+# whole BN/ReLU producer chain into that transpose and recomputes it there with strided
+# reads: 106 ms instead of 9.5 ms for one 56x56x64 activation of batch 32. A product with the
+# identity matrix is a library call XLA does not fuse producers into, so the transpose reads
+# a plain buffer; it is exact (x * 1 plus zeros) and costs one 1x1 convolution's FLOPs.
 # Tried and rejected, measured in full train steps: im2col / per-tap matrix products for
 # the forward or dw (2-4x slower than XLA's own kxk convolution), optimization barriers
-# (XLA:CPU removes them) and a lax.cond to materialise activations (slower overall).
+# (XLA:CPU removes them), a lax.cond to materialise activations (slower overall), and the
+# same identity product on dy (slower on ResNet-18/50).
+
+
+def _materialised(x):
+  """x, computed into its own buffer by a matrix product with the identity (see above)."""
+  return lax.dot_general(x, jnp.eye(x.shape[-1], dtype=x.dtype),
+                         (((x.ndim - 1,), (0,)), ((), ())))
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _spatial(x, kernel, strides, padding):
@@ -160,7 +202,8 @@ def _spatial_fwd(x, kernel, strides, padding):
 
 def _spatial_bwd(strides, padding, res, dy):
   x, kernel = res
-  _, vjp = jax.vjp(lambda k: _native(x, k, strides, padding), kernel)
+  xm = _materialised(x)
+  _, vjp = jax.vjp(lambda k: _native(xm, k, strides, padding), kernel)
   (dw,) = vjp(dy)
   if tuple(strides) == (1, 1):
     _, vjp = jax.vjp(lambda x: _native(x, kernel, strides, padding), x)
@@ -169,42 +212,6 @@ def _spatial_bwd(strides, padding, res, dy):
 
 
 _spatial.defvjp(_spatial_fwd, _spatial_bwd)
-
-
-# --- convolutions of very few input channels (the RGB stem): im2col ------------------
-# XLA:CPU computes dw as a convolution whose batch is the input channels; with 3 of them
-# the ResNet-18 stem's dw took 0.42 s of a 2.7 s step. As one matrix product over im2col
-# patches (kept from the forward, where they also feed the forward product) it is a GEMM.
-_PATCHES_MAX_CHANNELS = 4
-
-
-def _patches(x, kernel_hw, strides, padding):
-  """[N, Ho, Wo, kh*kw*C]: every output pixel's input window, in HWIO order."""
-  xp = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
-  return jnp.concatenate([tap for _, tap in window_taps(xp, kernel_hw, strides)], axis=-1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _patches_conv(x, kernel, strides, padding):
-  return _patches_fwd(x, kernel, strides, padding)[0]
-
-
-def _patches_fwd(x, kernel, strides, padding):
-  kh, kw, c, f = kernel.shape
-  cols = _patches(x, (kh, kw), strides, padding)
-  y = _dot(_flat(cols), kernel.reshape(kh * kw * c, f)).reshape(cols.shape[:3] + (f,))
-  return y, (x, cols, kernel)
-
-
-def _patches_bwd(strides, padding, res, dy):
-  x, cols, kernel = res
-  dw = _dot_tn(_flat(cols), _flat(dy)).reshape(kernel.shape)
-  # The stem's dx is unused (its input is data) and then removed by XLA.
-  _, vjp = jax.vjp(lambda x: _native(x, kernel, strides, padding), x)
-  return vjp(dy)[0], dw
-
-
-_patches_conv.defvjp(_patches_fwd, _patches_bwd)
 
 
 def _phase(r, k, s, lo, size, out_size):
@@ -255,8 +262,6 @@ def cpu_conv(x, kernel, strides, padding):
   kh, kw = kernel.shape[:2]
   if kh == kw == 1 and all(tuple(p) == (0, 0) for p in padding):
     return _pointwise(x, kernel, tuple(strides))
-  if kernel.shape[2] <= _PATCHES_MAX_CHANNELS:
-    return _patches_conv(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
   return _spatial(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from resnet_jax import models
 from resnet_jax.config_schema import ConfigError
 from resnet_jax.data import datasets, image_folder, input_pipeline
+from resnet_jax.models import conv as conv_lib
 from resnet_jax.training import checkpoints, mesh as mesh_lib, optimizer, pretrained
 from resnet_jax.training import state as state_lib, steps
 from resnet_jax.training.metrics_log import MetricsLog, log_main as _log
@@ -164,6 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
   replicated = mesh_lib.replicated(mesh)
+  compiler_options = conv_lib.compiler_options()
   train_step = jax.jit(
       steps.make_train_step(model, tx, schedule, num_classes=num_classes,
                             label_smoothing=config.optimizer.label_smoothing,
@@ -172,11 +174,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             grad_accum_steps=config.optimizer.grad_accum_steps,
                             ema_decay=config.optimizer.ema_decay),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=compiler_options)
   eval_steps = {
       name: jax.jit(steps.make_eval_step(model, num_classes=num_classes, mean=mean, std=std,
                                          use_ema=name == "eval_ema"),
-                    in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
+                    in_shardings=(state_sharding, batch_sharding), out_shardings=replicated,
+                    compiler_options=compiler_options)
       for name in (("eval", "eval_ema") if use_ema else ("eval",))}
   eval_cache: dict = {}
   run_meta = dict(identity, config=config.to_dict(), code_version=checkpoints.code_version(),
