@@ -41,6 +41,12 @@ run() {
   exec "$VENV/bin/python" -m resnet_jax "$@"
 }
 
+# Back malloc with transparent huge pages: XLA:CPU re-faults every page of its step buffers
+# otherwise (resnet_jax/hugepages.py). RESNET_JAX_HUGEPAGES=0 leaves the allocator alone.
+if [ "${RESNET_JAX_HUGEPAGES:-1}" != 0 ] && [[ ":${GLIBC_TUNABLES:-}:" != *":glibc.malloc.hugetlb=1:"* ]]; then
+  export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
+fi
+
 # Quiet TensorFlow's C++ logging (it is only used for tf.data and TensorBoard files).
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 

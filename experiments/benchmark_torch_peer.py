@@ -350,7 +350,9 @@ def main(argv=None) -> int:
   print(f"{args.model} {args.image_size}x{args.image_size} batch {args.batch} {args.dtype} on "
         f"{args.device}; torch model: {theirs.source}, {theirs.params:,} params, "
         f"{torch.get_num_threads()} threads; {args.rounds} rounds x {args.steps} steps, "
-        f"medians; load average {os.getloadavg()[0]:.1f} at the end")
+        f"medians; load average {os.getloadavg()[0]:.1f} at the end; torch's malloc huge "
+        f"pages {'on' if 'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', '') else 'off'}"
+        " (ours: see its own header)")
   print(f"{'':28} {'step ms':>9} {'images/s':>9} {'TFLOP/s':>8} {'ours/torch':>10}")
   for row in rows + [torch_row]:
     ratio = f"{row['ours_over_torch']:.2f}x" if "ours_over_torch" in row else ""

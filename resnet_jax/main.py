@@ -70,4 +70,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from resnet_jax import hugepages
+  hugepages.reexec_if_missing()   # see hugepages.py
   sys.exit(main())
