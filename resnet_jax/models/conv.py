@@ -178,20 +178,21 @@ _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 # whole BN/ReLU producer chain into that transpose and recomputes it there with strided
 # reads: 106 ms instead of 9.5 ms for one 56x56x64 activation of batch 32. A product with the
 # identity matrix is a library call XLA does not fuse producers into, so the transpose reads
-# a plain buffer; it is exact (x * 1 plus zeros) and, over blocks of 16 channels, costs 32
-# FLOPs per value. (The same product on every residual block's output, against XLA
-# recomputing the residual stream inside later fusions, measured no faster.)
+# a plain buffer; it is exact (x * 1 plus zeros) and costs at most 128 FLOPs per value.
+# (The same product on every residual block's output, against XLA recomputing the residual
+# stream inside later fusions, measured no faster.)
 # Tried and rejected, measured in full train steps: im2col / per-tap matrix products for
 # the forward or dw (2-4x slower than XLA's own kxk convolution), optimization barriers
 # (XLA:CPU removes them), a lax.cond to materialise activations (slower overall), and the
 # same identity product on dy (slower on ResNet-18/50).
 
 
-def _materialised(x, block: int = 16):
-  """x, computed into its own buffer by a matrix product with the identity (see above): over
-  blocks of `block` channels, so it costs 2 * block FLOPs per value whatever the width."""
+def _materialised(x):
+  """x, computed into its own buffer by a matrix product with the identity (see above). Up
+  to 64 channels the whole identity; wider, blocks of 16 channels (at most 128 FLOPs per
+  value): the fastest of the block sizes measured in ResNet-18/20 steps."""
   c = x.shape[-1]
-  k = block if c % block == 0 else c
+  k = c if c <= 64 or c % 16 else 16
   y = lax.dot_general(x.reshape(-1, k), jnp.eye(k, dtype=x.dtype), (((1,), (0,)), ((), ())))
   return y.reshape(x.shape)
 
