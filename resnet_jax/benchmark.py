@@ -14,7 +14,10 @@ Modes:
                      `--config.KEY=VALUE` overrides as for training), fed exactly as the
                      trainer feeds them: host numpy batch -> global jax.Array -> step,
                      metrics fetched one step late. Image size, channels and classes are
-                     the dataset's; the model is --model or else the config's.
+                     the dataset's. With --config (either mode) the model and the step are
+                     the trainer's for that config: drop path, SE, BN settings, label
+                     smoothing, gradient accumulation, EMA, NaN policy, model.dtype;
+                     --model and --dtype override the config's.
 
 MFU = achieved FLOP/s / peak FLOP/s of the devices used. The peak comes from a table of
 known accelerators (dense bf16/fp32 spec sheets), --peak-tflops, or on CPU a large matmul
@@ -71,7 +74,8 @@ def _parse(argv):
   p.add_argument("--channels", type=int, default=3)
   p.add_argument("--num-classes", type=int, default=10)
   p.add_argument("--batch-per-device", type=int, default=32)
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),
+                 help="compute dtype (default: the config's model.dtype, else float32)")
   p.add_argument("--conv-impl", default="auto", choices=("auto", "native", "cpu"),
                  help="conv/BN/pool lowering (resnet_jax.models.conv); auto: cpu on CPU")
   p.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
@@ -135,7 +139,19 @@ class _Workload:
     if self.model_name not in models.MODEL_SPECS:
       raise UsageError(f"unknown model {self.model_name!r}; known: "
                        f"{', '.join(models.list_models())}")
-    self.model = models.create(self.model_name, num_classes=self.num_classes, dtype=args.dtype)
+    if args.config:   # the config's whole recipe: the trainer's model and step
+      accum = self.config.optimizer.grad_accum_steps
+      if args.batch_per_device % accum:
+        raise UsageError(f"--batch-per-device {args.batch_per_device}: expected a multiple "
+                         f"of the config's optimizer.grad_accum_steps={accum}")
+      from resnet_jax.training import trainer
+      args.dtype = args.dtype or self.config.model.dtype
+      self.model = trainer.create_model(self.config.model, self.num_classes, self.model_name,
+                                        args.dtype)
+    else:
+      args.dtype = args.dtype or "float32"
+      self.model = models.create(self.model_name, num_classes=self.num_classes,
+                                 dtype=args.dtype)
     # The schedule's shape does not change the work a step does.
     self.schedule = optimizer.create_schedule(self.config.optimizer, self.config.schedule,
                                               steps_per_epoch=100, total_steps=10_000)
@@ -184,13 +200,14 @@ def _compile_step(work, mesh, first_batch):
   """(initial state, compiled step, compile seconds)."""
   import jax
   from resnet_jax.models import conv as conv_lib
-  from resnet_jax.training import mesh as mesh_lib, state as state_lib, steps
-  init_fn = state_lib.make_init_fn(work.model, work.tx, (1,) + work.shape, seed=0)
+  from resnet_jax.training import mesh as mesh_lib, state as state_lib, trainer
+  config = work.config
+  init_fn = state_lib.make_init_fn(work.model, work.tx, (1,) + work.shape, seed=0,
+                                   ema=config.optimizer.ema_decay > 0)
   state_sharding = mesh_lib.state_shardings(jax.eval_shape(init_fn), mesh)
   state = jax.jit(init_fn, out_shardings=state_sharding)()
-  step_fn = steps.make_train_step(work.model, work.tx, work.schedule,
-                                  num_classes=work.num_classes, label_smoothing=0.0,
-                                  mean=work.mean, std=work.std)
+  step_fn = trainer.make_train_step(config, work.model, work.tx, work.schedule,
+                                    work.num_classes, work.mean, work.std)
   train_step = jax.jit(step_fn, in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
                        out_shardings=(state_sharding, mesh_lib.replicated(mesh)),
                        donate_argnums=(0,), compiler_options=conv_lib.compiler_options())

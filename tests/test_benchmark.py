@@ -179,6 +179,34 @@ def test_end_to_end_mode_runs_the_config_input_pipeline_with_overrides(tmp_path)
   assert (data_dir / "sklearn_digits").is_dir(), sorted(os.listdir(tmp_path))
 
 
+def test_a_config_gives_the_trainers_model_and_step(tmp_path):
+  """With --config the benchmark times what the trainer would train: its model (drop path,
+  BN momentum, dtype from the config) and its step (label smoothing, accumulation, EMA)."""
+  import jax
+  from resnet_jax import benchmark, config_cli
+  from resnet_jax.training import mesh as mesh_lib, trainer
+  overrides = ["--config.model.drop_path_rate=0.1", "--config.model.bn_momentum=0.8",
+               "--config.optimizer.label_smoothing=0.1", "--config.optimizer.ema_decay=0.5",
+               "--config.optimizer.grad_accum_steps=2"]
+  args = benchmark._parse(["--config", DEFAULT_CONFIG, "--model", "resnet8", "--image-size",
+                           "8", "--channels", "1", "--batch-per-device", "4", *overrides])
+  work = benchmark._Workload(args)
+  config = config_cli.load_config_file(DEFAULT_CONFIG)
+  config_cli.apply_overrides(config, {o[9:].split("=")[0]: o.split("=")[1] for o in overrides})
+  assert work.model == trainer.create_model(config.model, 10, "resnet8")
+  assert work.model.drop_path_rate == 0.1 and args.dtype == config.model.dtype
+
+  mesh = mesh_lib.create_mesh(devices=jax.devices()[:1])
+  batches = work.batches(mesh, 4)
+  state, compiled, _ = benchmark._compile_step(work, mesh, next(batches))
+  # The EMA is part of the step: its BN statistics move on the first step already (the
+  # parameters' may not: the schedule can start at learning rate 0).
+  before = jax.tree.map(lambda a: a.copy(), state.ema_batch_stats)
+  state, _ = compiled(state, next(batches))
+  moved = jax.tree.map(lambda a, b: bool((a != b).any()), before, state.ema_batch_stats)
+  assert state.ema_params and all(jax.tree.leaves(moved))
+
+
 def test_a_bad_config_override_is_a_one_line_error():
   proc = bench("--mode", "end_to_end", "--config", DEFAULT_CONFIG, "--model", "resnet8",
                "--devices", "1", "--peak-tflops", "1", "--config.data.crop_paddin=2")
@@ -249,7 +277,11 @@ def test_serve_answers_each_step_count_with_step_times_until_eof(tmp_path):
      "benchmark: error: --serve takes one device count"),
     (["--model", "resnet7"], {},
      "benchmark: error: unknown model 'resnet7'; known: "),
-], ids=["more-devices-than-available", "serve-several-counts", "unknown-model"])
+    (["--config", DEFAULT_CONFIG, "--config.optimizer.grad_accum_steps=4"], {},
+     "benchmark: error: --batch-per-device 2: expected a multiple of the config's "
+     "optimizer.grad_accum_steps=4"),
+], ids=["more-devices-than-available", "serve-several-counts", "unknown-model",
+        "batch-not-split-by-accumulation"])
 def test_requests_the_machine_cannot_serve_are_one_line_errors(args, env_extra, message):
   proc = bench(*TINY, "--peak-tflops", "1", *args, **env_extra)
   assert proc.returncode == 2, proc.stderr[-3000:]
