@@ -144,9 +144,9 @@ class _Workload:
       if args.batch_per_device % accum:
         raise UsageError(f"--batch-per-device {args.batch_per_device}: expected a multiple "
                          f"of the config's optimizer.grad_accum_steps={accum}")
-      from resnet_jax.training import trainer
+      from resnet_jax.training import recipe
       args.dtype = args.dtype or self.config.model.dtype
-      self.model = trainer.create_model(self.config.model, self.num_classes, self.model_name,
+      self.model = recipe.create_model(self.config.model, self.num_classes, self.model_name,
                                         args.dtype)
     else:
       args.dtype = args.dtype or "float32"
@@ -200,13 +200,13 @@ def _compile_step(work, mesh, first_batch):
   """(initial state, compiled step, compile seconds)."""
   import jax
   from resnet_jax.models import conv as conv_lib
-  from resnet_jax.training import mesh as mesh_lib, state as state_lib, trainer
+  from resnet_jax.training import mesh as mesh_lib, recipe, state as state_lib
   config = work.config
   init_fn = state_lib.make_init_fn(work.model, work.tx, (1,) + work.shape, seed=0,
                                    ema=config.optimizer.ema_decay > 0)
   state_sharding = mesh_lib.state_shardings(jax.eval_shape(init_fn), mesh)
   state = jax.jit(init_fn, out_shardings=state_sharding)()
-  step_fn = trainer.make_train_step(config, work.model, work.tx, work.schedule,
+  step_fn = recipe.make_train_step(config, work.model, work.tx, work.schedule,
                                     work.num_classes, work.mean, work.std)
   train_step = jax.jit(step_fn, in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
                        out_shardings=(state_sharding, mesh_lib.replicated(mesh)),

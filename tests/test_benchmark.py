@@ -184,7 +184,7 @@ def test_a_config_gives_the_trainers_model_and_step(tmp_path):
   BN momentum, dtype from the config) and its step (label smoothing, accumulation, EMA)."""
   import jax
   from resnet_jax import benchmark, config_cli
-  from resnet_jax.training import mesh as mesh_lib, trainer
+  from resnet_jax.training import mesh as mesh_lib, recipe
   overrides = ["--config.model.drop_path_rate=0.1", "--config.model.bn_momentum=0.8",
                "--config.optimizer.label_smoothing=0.1", "--config.optimizer.ema_decay=0.5",
                "--config.optimizer.grad_accum_steps=2"]
@@ -193,7 +193,7 @@ def test_a_config_gives_the_trainers_model_and_step(tmp_path):
   work = benchmark._Workload(args)
   config = config_cli.load_config_file(DEFAULT_CONFIG)
   config_cli.apply_overrides(config, {o[9:].split("=")[0]: o.split("=")[1] for o in overrides})
-  assert work.model == trainer.create_model(config.model, 10, "resnet8")
+  assert work.model == recipe.create_model(config.model, 10, "resnet8")
   assert work.model.drop_path_rate == 0.1 and args.dtype == config.model.dtype
 
   mesh = mesh_lib.create_mesh(devices=jax.devices()[:1])

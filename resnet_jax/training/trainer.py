@@ -8,12 +8,11 @@ import time
 import jax
 import numpy as np
 
-from resnet_jax import models
 from resnet_jax.config_schema import ConfigError
 from resnet_jax.data import datasets, image_folder, input_pipeline
 from resnet_jax.models import conv as conv_lib
 from resnet_jax.training import checkpoints, mesh as mesh_lib, optimizer, pretrained
-from resnet_jax.training import state as state_lib, steps
+from resnet_jax.training import recipe, state as state_lib, steps
 from resnet_jax.training.metrics_log import MetricsLog, log_main as _log
 from resnet_jax.training.preemption import Preempted, PreemptionWatcher
 
@@ -21,29 +20,6 @@ from resnet_jax.training.preemption import Preempted, PreemptionWatcher
 class NonFiniteError(FloatingPointError):
   """Training produced NaN/Inf; the message names the step and the quantity."""
 
-
-
-def create_model(model_cfg, num_classes: int, name: str = "", dtype: str = ""):
-  """The model a config's `model` section describes (`name`/`dtype` override its own): one
-  construction for the trainer and the benchmark, so both time and train the same net."""
-  overrides = {} if model_cfg.se_ratio < 0 else {"se_ratio": model_cfg.se_ratio}
-  if model_cfg.bn_epsilon > 0:   # else the model's own (Keras-layout weights: 1.001e-5)
-    overrides["bn_epsilon"] = model_cfg.bn_epsilon
-  return models.create(name or model_cfg.name, num_classes=num_classes,
-                       dtype=dtype or model_cfg.dtype,
-                       drop_path_rate=model_cfg.drop_path_rate, **overrides,
-                       zero_init_last_bn=model_cfg.zero_init_last_bn,
-                       bn_momentum=model_cfg.bn_momentum,
-                       bn_group_size=model_cfg.bn_group_size)
-
-def make_train_step(config, model, tx, schedule, num_classes: int, mean, std):
-  """The un-jitted train step a config asks for (loss, accumulation, EMA, NaN policy)."""
-  return steps.make_train_step(model, tx, schedule, num_classes=num_classes,
-                               label_smoothing=config.optimizer.label_smoothing,
-                               mean=mean, std=std,
-                               skip_nonfinite=config.nan_policy == "skip",
-                               grad_accum_steps=config.optimizer.grad_accum_steps,
-                               ema_decay=config.optimizer.ema_decay)
 
 
 def check_finite(step: int, metrics: dict, last_saved):
@@ -139,7 +115,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   num_eval_batches = input_pipeline.num_eval_batches(eval_split.num_examples_total, nproc,
                                                      eval_batch // nproc)
 
-  model = create_model(config.model, num_classes)
+  model = recipe.create_model(config.model, num_classes)
   schedule = optimizer.create_schedule(config.optimizer, config.schedule,
                                        steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   tx = optimizer.create_optimizer(config.optimizer, schedule)
@@ -184,7 +160,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   replicated = mesh_lib.replicated(mesh)
   compiler_options = conv_lib.compiler_options()
   train_step = jax.jit(
-      make_train_step(config, model, tx, schedule, num_classes, mean, std),
+      recipe.make_train_step(config, model, tx, schedule, num_classes, mean, std),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,), compiler_options=compiler_options)
   eval_steps = {
