@@ -125,7 +125,7 @@ class _Workload:
   def __init__(self, args):
     from resnet_jax import models
     from resnet_jax.config_schema import base_config
-    from resnet_jax.training import optimizer
+    from resnet_jax.training import optimizer, recipe
 
     self.args = args
     self.config = self._load_config(args) if args.config else base_config()
@@ -139,19 +139,15 @@ class _Workload:
     if self.model_name not in models.MODEL_SPECS:
       raise UsageError(f"unknown model {self.model_name!r}; known: "
                        f"{', '.join(models.list_models())}")
-    if args.config:   # the config's whole recipe: the trainer's model and step
-      accum = self.config.optimizer.grad_accum_steps
-      if args.batch_per_device % accum:
-        raise UsageError(f"--batch-per-device {args.batch_per_device}: expected a multiple "
-                         f"of the config's optimizer.grad_accum_steps={accum}")
-      from resnet_jax.training import recipe
-      args.dtype = args.dtype or self.config.model.dtype
-      self.model = recipe.create_model(self.config.model, self.num_classes, self.model_name,
-                                        args.dtype)
-    else:
-      args.dtype = args.dtype or "float32"
-      self.model = models.create(self.model_name, num_classes=self.num_classes,
-                                 dtype=args.dtype)
+    # The trainer's model and step for the config (without one, the base config's defaults:
+    # float32, no accumulation, plain cross-entropy).
+    accum = self.config.optimizer.grad_accum_steps
+    if args.batch_per_device % accum:
+      raise UsageError(f"--batch-per-device {args.batch_per_device}: expected a multiple "
+                       f"of the config's optimizer.grad_accum_steps={accum}")
+    args.dtype = args.dtype or self.config.model.dtype
+    self.model = recipe.create_model(self.config.model, self.num_classes, self.model_name,
+                                     args.dtype)
     # The schedule's shape does not change the work a step does.
     self.schedule = optimizer.create_schedule(self.config.optimizer, self.config.schedule,
                                               steps_per_epoch=100, total_steps=10_000)

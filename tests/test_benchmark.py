@@ -179,7 +179,7 @@ def test_end_to_end_mode_runs_the_config_input_pipeline_with_overrides(tmp_path)
   assert (data_dir / "sklearn_digits").is_dir(), sorted(os.listdir(tmp_path))
 
 
-def test_a_config_gives_the_trainers_model_and_step(tmp_path):
+def test_a_config_gives_the_trainers_model_and_step():
   """With --config the benchmark times what the trainer would train: its model (drop path,
   BN momentum, dtype from the config) and its step (label smoothing, accumulation, EMA)."""
   import jax
@@ -192,7 +192,8 @@ def test_a_config_gives_the_trainers_model_and_step(tmp_path):
                            "8", "--channels", "1", "--batch-per-device", "4", *overrides])
   work = benchmark._Workload(args)
   config = config_cli.load_config_file(DEFAULT_CONFIG)
-  config_cli.apply_overrides(config, {o[9:].split("=")[0]: o.split("=")[1] for o in overrides})
+  config_cli.apply_overrides(config, args.config_overrides)
+  assert len(args.config_overrides) == len(overrides)
   assert work.model == recipe.create_model(config.model, 10, "resnet8")
   assert work.model.drop_path_rate == 0.1 and args.dtype == config.model.dtype
 

@@ -21,7 +21,6 @@ class NonFiniteError(FloatingPointError):
   """Training produced NaN/Inf; the message names the step and the quantity."""
 
 
-
 def check_finite(step: int, metrics: dict, last_saved):
   bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
   if bad:
