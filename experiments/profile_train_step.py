@@ -34,7 +34,7 @@ def main(argv=None) -> int:
   p.add_argument("--image-size", type=int, default=32)
   p.add_argument("--num-classes", type=int, default=10)
   p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--conv-impl", default="auto", choices=("auto", "native", "cpu"))
+  p.add_argument("--conv-impl", default="auto", choices=("auto", "native", "cpu", "onednn"))
   p.add_argument("--steps", type=int, default=2, help="traced steps")
   p.add_argument("--top", type=int, default=25, help="slowest op instances to list")
   p.add_argument("--out", default="/tmp/resnet_jax_profile", help="trace and HLO go here")
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
   work = benchmark._Workload(bench_args)
   mesh = mesh_lib.create_mesh(devices=jax.devices()[:1])
   batches = work.batches(mesh, args.batch)
-  state, compiled, compile_s = benchmark._compile_step(work, mesh, next(batches))
+  state, compiled, compile_s, _ = benchmark._compile_step(work, mesh, next(batches))
   state, times = benchmark._timed_steps(compiled, state, batches, 3, pipelined=False)
   print(f"{args.model} {args.image_size}px batch {args.batch}, conv {args.conv_impl} "
         f"(-> {conv.resolve_impl()}): compile {compile_s:.1f}s, untraced steps "

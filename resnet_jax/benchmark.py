@@ -3,8 +3,9 @@
 Weak scaling over device counts: the per-device batch is fixed, the global batch grows
 with the devices, and each count gets its own mesh over the first N devices. For each
 count it reports compile time, step time (median of --steps after --warmup), images/s,
-the FLOPs of one step (XLA's cost analysis of the compiled step), achieved FLOP/s, MFU
-and peak memory.
+the FLOPs of one step (XLA's cost analysis of the compiled step; with the "onednn" CPU
+lowering, whose convolutions XLA cannot see into, of the same step lowered with native
+convolutions), achieved FLOP/s, MFU and peak memory.
 
 Modes:
   --mode synthetic   (default) random uint8 batches already on device: the compiled step
@@ -76,8 +77,9 @@ def _parse(argv):
   p.add_argument("--batch-per-device", type=int, default=32)
   p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),
                  help="compute dtype (default: the config's model.dtype, else float32)")
-  p.add_argument("--conv-impl", default="auto", choices=("auto", "native", "cpu"),
-                 help="conv/BN/pool lowering (resnet_jax.models.conv); auto: cpu on CPU")
+  p.add_argument("--conv-impl", default="auto", choices=("auto", "native", "cpu", "onednn"),
+                 help="conv/BN/pool lowering (resnet_jax.models.conv); auto: onednn on CPU "
+                      "where its kernels build, else cpu")
   p.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
   p.add_argument("--steps", type=int, default=10, help="timed steps per device count")
   p.add_argument("--warmup", type=int, default=2)
@@ -193,7 +195,7 @@ class _Workload:
 
 
 def _compile_step(work, mesh, first_batch):
-  """(initial state, compiled step, compile seconds)."""
+  """(initial state, compiled step, compile seconds, FLOPs per step and device or None)."""
   import jax
   from resnet_jax.models import conv as conv_lib
   from resnet_jax.training import mesh as mesh_lib, recipe, state as state_lib
@@ -204,18 +206,29 @@ def _compile_step(work, mesh, first_batch):
   state = jax.jit(init_fn, out_shardings=state_sharding)()
   step_fn = recipe.make_train_step(config, work.model, work.tx, work.schedule,
                                     work.num_classes, work.mean, work.std)
-  train_step = jax.jit(step_fn, in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
-                       out_shardings=(state_sharding, mesh_lib.replicated(mesh)),
-                       donate_argnums=(0,), compiler_options=conv_lib.compiler_options())
+  shardings = dict(in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, mesh_lib.replicated(mesh)))
+  train_step = jax.jit(step_fn, **shardings, donate_argnums=(0,),
+                       compiler_options=conv_lib.compiler_options())
   t0 = time.perf_counter()
   compiled = train_step.lower(state, first_batch).compile()
-  return state, compiled, time.perf_counter() - t0
+  compile_s = time.perf_counter() - t0
+  flops = step_flops(compiled)
+  if conv_lib.resolve_impl() == "onednn":
+    # XLA counts no FLOPs in FFI calls: count the same step's with native convolutions,
+    # lowered (not compiled: the global module, before partitioning). A new function, as
+    # jax would reuse the trace of `step_fn` it already has.
+    with conv_lib.use_impl("native"):
+      total = step_flops(jax.jit(lambda *a: step_fn(*a), **shardings).lower(state, first_batch))
+    flops = total / mesh.size if total else None
+  return state, compiled, compile_s, flops
 
 
-def step_flops(compiled) -> float | None:
-  """FLOPs of one step (per device, as partitioned) from XLA's cost analysis."""
+def step_flops(stage) -> float | None:
+  """FLOPs of one step from XLA's cost analysis of a compiled (per device, as partitioned)
+  or lowered (global) step."""
   try:
-    cost = compiled.cost_analysis()
+    cost = stage.cost_analysis()
   except Exception:  # some backends/plugins do not implement it
     return None
   if isinstance(cost, (list, tuple)):   # older jax: one dict per partition
@@ -333,7 +346,7 @@ class UsageError(Exception):
 def run(args, out, reply) -> dict:
   """The benchmark; the table goes to `out`, --serve answers to `reply`."""
   import jax
-  from resnet_jax import hugepages
+  from resnet_jax import cpu_kernels, hugepages
   from resnet_jax.models import conv as conv_lib
   from resnet_jax.training import mesh as mesh_lib
 
@@ -342,6 +355,10 @@ def run(args, out, reply) -> dict:
   if max(counts) > len(available):
     raise UsageError(f"--devices asks for {max(counts)}, {len(available)} available")
   conv_lib.set_impl(args.conv_impl)
+  try:
+    conv_lib.resolve_impl()
+  except (ValueError, cpu_kernels.KernelsUnavailable) as e:   # e.g. onednn without g++
+    raise UsageError(str(e)) from e
   work = _Workload(args)
   device = available[0]
   peak, peak_source = device_peak(args, device)
@@ -360,18 +377,17 @@ def run(args, out, reply) -> dict:
     mesh = mesh_lib.create_mesh(devices=available[:n])
     batch = n * args.batch_per_device
     batches = work.batches(mesh, batch)
-    state, compiled, compile_s = _compile_step(work, mesh, next(batches))
+    state, compiled, compile_s, flops = _compile_step(work, mesh, next(batches))
     state, _ = _timed_steps(compiled, state, batches, args.warmup, pipelined)
     if args.serve:
-      print(json.dumps({"ready": True, "compile_s": compile_s,
-                        "flops_per_step": step_flops(compiled)}), file=reply, flush=True)
+      print(json.dumps({"ready": True, "compile_s": compile_s, "flops_per_step": flops}),
+            file=reply, flush=True)
       _serve(compiled, state, batches, pipelined, reply)
       return {}
     state, times = _timed_steps(compiled, state, batches, args.steps, pipelined)
     del state
     peak_total = (peak if host_peak else peak * n) if peak else None
-    row = _row(n, batch, compile_s, times, step_flops(compiled), peak_total,
-               peak_memory(available[:n])[0])
+    row = _row(n, batch, compile_s, times, flops, peak_total, peak_memory(available[:n])[0])
     base = base or row["images_per_s"] / n
     row["efficiency"] = round(row["images_per_s"] / (n * base), 3)
     rows.append(row)

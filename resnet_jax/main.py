@@ -38,8 +38,13 @@ def main(argv=None) -> int:
     apply_overrides(config, overrides)
     check_keys_and_types(config)
     import jax  # after the cheap checks, so a typo fails fast
-    from resnet_jax import distributed
+    from resnet_jax import cpu_kernels, distributed
+    from resnet_jax.models import conv
     distributed.initialize_from_env()
+    try:
+      conv.resolve_impl()   # RESNET_JAX_CONV_IMPL: a known lowering that runs here
+    except (ValueError, cpu_kernels.KernelsUnavailable) as e:
+      raise ConfigError(f"RESNET_JAX_CONV_IMPL={conv.get_impl()}: {e}") from e
     check_values(config, num_devices=jax.device_count(), num_processes=jax.process_count())
     workdir = flags.get("workdir") or default_workdir(config_path)
     check_workdir(workdir)

@@ -6,12 +6,17 @@ update, same fast variance (E[x^2] - E[x]^2, clipped at 0) and the same expressi
 output, all in float32. Only the training-mode gradient differs in how it is computed:
 
   "native" lowering (GPU/TPU): JAX differentiates the forward expression, as for flax.
-  "cpu" lowering (conv.py's "auto" on CPU): a custom VJP in the textbook closed form,
+  "cpu" lowering: a custom VJP in the textbook closed form,
       dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)),   a = scale / sqrt(var + eps),
       which XLA:CPU turns into one reduction pass and one elementwise pass per layer. The
       autodiff graph of the forward expression leaves XLA:CPU several passes per layer and
       fusions that recompute earlier layers' normalisations (seen in ResNet-50 profiles).
-Both give the same numbers to float32 rounding (tests/test_conv_lowering.py).
+  "onednn" lowering (conv.py's "auto" on CPU): the same closed form, with the batch sums
+      (sum x and sum x^2 forward; sum dy and sum dy * (x - mean) backward) computed by
+      resnet_jax/cpu_kernels in one pass each. XLA's YNNPACK reductions wanted every
+      operand in a buffer of its own, so it wrote `x - mean` out for every layer.
+All give the same numbers to float32 rounding (tests/test_conv_lowering.py,
+tests/test_cpu_kernels.py).
 """
 
 import functools
@@ -22,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnet_jax import cpu_kernels
 from resnet_jax.models import conv
 
 _AXES = (0, 1, 2)   # NHWC: statistics over batch and space, per channel
@@ -43,35 +49,52 @@ def _train_autodiff(x, scale, bias, epsilon):
   return _normalize(x, mean, var, scale, bias, epsilon), mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _train_custom(x, scale, bias, epsilon):
-  return _train_autodiff(x, scale, bias, epsilon)
+def _xla_centred_sums(dy, x, mean):
+  return jnp.sum(dy, _AXES), jnp.sum(dy * (x - mean), _AXES)
 
 
-def _train_fwd(x, scale, bias, epsilon):
-  mean, var = _stats(x)
-  y = _normalize(x, mean, var, scale, bias, epsilon)
-  return (y, mean, var), (x, scale, mean, var)
-
-
-def _train_bwd(epsilon, res, cotangents):
-  x, scale, mean, var = res
-  dy, dmean, dvar = cotangents
+def _kernel_stats(x):
+  # The same estimator as _stats, from sums: mean = S/M, var = max(Q/M - mean^2, 0).
+  total, total_sq = cpu_kernels.channel_sums(x)
   count = x.size // x.shape[-1]
-  rstd = lax.rsqrt(var + epsilon)
-  centred = x - mean
-  sum_dy = jnp.sum(dy, _AXES)
-  sum_dy_xhat = jnp.sum(dy * centred, _AXES) * rstd
-  a = scale * rstd
-  # dx = a*dy - a/M*sum_dy - a*xhat/M*sum_dy_xhat, plus the (usually zero) cotangents of
-  # the returned batch statistics: d mean/dx = 1/M, d var/dx = 2 (x - mean)/M.
-  coef_centred = (2.0 * dvar - a * rstd * sum_dy_xhat) / count
-  const = (dmean - a * sum_dy) / count
-  dx = a * dy + centred * coef_centred + const
-  return dx, sum_dy_xhat, sum_dy
+  mean = total / count
+  return mean, jnp.maximum(total_sq / count - jnp.square(mean), 0.0)
 
 
-_train_custom.defvjp(_train_fwd, _train_bwd)
+def _closed_form(stats, centred_sums):
+  """Training-mode BN (y, batch mean, batch var) with the closed-form gradient, its batch
+  statistics from `stats(x)` and the backward's sums from `centred_sums(dy, x, mean)`."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+  def train(x, scale, bias, epsilon):
+    return train_fwd(x, scale, bias, epsilon)[0]
+
+  def train_fwd(x, scale, bias, epsilon):
+    mean, var = stats(x)
+    y = _normalize(x, mean, var, scale, bias, epsilon)
+    return (y, mean, var), (x, scale, mean, var)
+
+  def train_bwd(epsilon, res, cotangents):
+    x, scale, mean, var = res
+    dy, dmean, dvar = cotangents
+    count = x.size // x.shape[-1]
+    rstd = lax.rsqrt(var + epsilon)
+    sum_dy, sum_dy_centred = centred_sums(dy, x, mean)
+    sum_dy_xhat = sum_dy_centred * rstd
+    a = scale * rstd
+    # dx = a*dy - a/M*sum_dy - a*xhat/M*sum_dy_xhat, plus the (usually zero) cotangents of
+    # the returned batch statistics: d mean/dx = 1/M, d var/dx = 2 (x - mean)/M.
+    coef_centred = (2.0 * dvar - a * rstd * sum_dy_xhat) / count
+    const = (dmean - a * sum_dy) / count
+    dx = a * dy + (x - mean) * coef_centred + const
+    return dx, sum_dy_xhat, sum_dy
+
+  train.defvjp(train_fwd, train_bwd)
+  return train
+
+
+_TRAIN = {"cpu": _closed_form(_stats, _xla_centred_sums),
+          "onednn": _closed_form(_kernel_stats, cpu_kernels.centred_sums)}
 
 
 class BatchNorm(nn.Module):
@@ -100,7 +123,7 @@ class BatchNorm(nn.Module):
     if use_running_average:
       y = _normalize(x32, ra_mean.value, ra_var.value, scale32, bias32, self.epsilon)
       return y.astype(out_dtype)
-    train = _train_custom if conv.resolve_impl() == "cpu" else _train_autodiff
+    train = _TRAIN.get(conv.resolve_impl(), _train_autodiff)
     y, mean, var = train(x32, scale32, bias32, self.epsilon)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean

@@ -4,24 +4,30 @@ Parameters are exactly those of `flax.linen.Conv` (`kernel` in HWIO, `bias`), so
 and weight converters do not care which lowering ran. Only the computation differs:
 
   "native": `lax.conv_general_dilated` and its autodiff -- cuDNN / TPU convolutions.
-  "cpu":    what XLA:CPU runs fastest, found by profiling train steps (see
-            experiments/performance.md): kxk convolutions on XLA's Eigen kernels rather
-            than YNNPACK's (`compiler_options()`, which every jit running a model passes),
-            their weight gradient over a materialised input (`_spatial_bwd`), the dx of
-            strided ones as stride-1 convolutions per input phase (`_dx_by_phases`), and
-            1x1 convolutions as 2-D matrix products with a hand-written backward
-            (`_pointwise`). batch_norm.py and pool.py follow the same switch.
-  "auto":   "cpu" when tracing for the CPU backend, "native" otherwise (the default).
+  "onednn": float32 convolutions (forward, dx, dw) on oneDNN's CPU kernels through XLA's
+            FFI, BatchNorm's batch sums in one pass (resnet_jax/cpu_kernels), and the rest
+            of the "cpu" lowering below around them. The fastest on CPU by far
+            (experiments/performance.md); needs a C++ compiler and the oneDNN wheels.
+  "cpu":    XLA:CPU alone, as fast as it was measured to go (see experiments/
+            performance.md): kxk convolutions on XLA's Eigen kernels rather than YNNPACK's
+            (`compiler_options()`, which every jit running a model passes), their weight
+            gradient over a materialised input (`_spatial_bwd`), the dx of strided ones as
+            stride-1 convolutions per input phase (`_dx_by_phases`), and 1x1 convolutions as
+            2-D matrix products with a hand-written backward (`_pointwise`). batch_norm.py
+            and pool.py follow the same switch.
+  "auto":   on the CPU backend "onednn" where its kernels build here, else "cpu" (with a
+            warning saying why); "native" on every other backend. The default.
 
 Choose with `set_impl(...)`, the context manager `use_impl(...)` or the environment variable
 RESNET_JAX_CONV_IMPL. The choice is read when a function is traced: a step already compiled
-keeps the lowering it was traced with. Both lowerings agree to float32 rounding
-(tests/test_conv_lowering.py).
+keeps the lowering it was traced with. Every lowering agrees with "native" to float32
+rounding (tests/test_conv_lowering.py, tests/test_cpu_kernels.py).
 """
 
 import contextlib
 import functools
 import os
+import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -29,7 +35,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "native", "cpu")
+from resnet_jax import cpu_kernels
+
+IMPLS = ("auto", "native", "cpu", "onednn")
+CPU_LOWERINGS = ("cpu", "onednn")   # the ones that run the "cpu" lowering's pieces
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _impl = os.environ.get("RESNET_JAX_CONV_IMPL", "auto")
 
@@ -55,14 +64,37 @@ def use_impl(name: str):
     set_impl(previous)
 
 
+@functools.cache
+def _auto_cpu_impl() -> str:
+  reason = cpu_kernels.unavailable_reason()
+  if reason is None:
+    return "onednn"
+  warnings.warn(f"conv impl 'auto': the oneDNN CPU kernels are unavailable ({reason}); "
+                "using the slower XLA-only 'cpu' lowering", RuntimeWarning, stacklevel=3)
+  return "cpu"
+
+
 def resolve_impl(impl: str | None = None) -> str:
-  """"native" or "cpu": what `impl` (default: the current setting) means right now."""
+  """"native", "cpu" or "onednn": what `impl` (default: the current setting) means now."""
   impl = impl or _impl
-  if impl == "auto":
-    return "cpu" if jax.default_backend() == "cpu" else "native"
   if impl not in IMPLS:
     raise ValueError(f"unknown conv impl {impl!r}; expected one of {IMPLS}")
+  on_cpu = jax.default_backend() == "cpu"
+  if impl == "auto":
+    return _auto_cpu_impl() if on_cpu else "native"
+  if impl == "onednn":
+    if not on_cpu:
+      raise ValueError(f"conv impl 'onednn' runs on the CPU backend only, not on "
+                       f"{jax.default_backend()!r}; use 'auto' or 'native'")
+    reason = cpu_kernels.unavailable_reason()
+    if reason is not None:
+      raise cpu_kernels.KernelsUnavailable(f"conv impl 'onednn': {reason}")
   return impl
+
+
+def cpu_lowering(impl: str | None = None) -> bool:
+  """Whether `impl` means one of the CPU lowerings (BatchNorm and pooling ask this)."""
+  return resolve_impl(impl) in CPU_LOWERINGS
 
 
 # XLA:CPU hands convolutions, dots and reductions to YNNPACK by default. Its convolutions
@@ -87,8 +119,8 @@ def _cpu_options_accepted() -> bool:
 
 def compiler_options(impl: str | None = None) -> dict | None:
   """`jax.jit(..., compiler_options=...)` for a function that runs these convolutions: the
-  XLA:CPU settings the "cpu" lowering was measured with, None for native/other backends."""
-  if resolve_impl(impl) != "cpu" or jax.default_backend() != "cpu":
+  XLA:CPU settings the CPU lowerings were measured with, None for native/other backends."""
+  if not cpu_lowering(impl) or jax.default_backend() != "cpu":
     return None
   return dict(_CPU_COMPILER_OPTIONS) if _cpu_options_accepted() else None
 
@@ -290,7 +322,10 @@ def conv2d(x, kernel, strides=(1, 1), padding="SAME", *, feature_group_count: in
   strides, kernel_dilation = tuple(strides), tuple(kernel_dilation)
   padding = _explicit_padding(padding, x.shape, kernel.shape[:2], strides, kernel_dilation)
   lowerable = feature_group_count == 1 and kernel_dilation == (1, 1) and precision is None
-  if resolve_impl(impl) == "cpu" and lowerable:
+  resolved = resolve_impl(impl)
+  if resolved == "onednn" and lowerable and x.dtype == kernel.dtype == jnp.float32:
+    return cpu_kernels.conv2d(x, kernel, strides, padding)
+  if resolved in CPU_LOWERINGS and lowerable:
     return cpu_conv(x, kernel, strides, padding)
   return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=kernel_dilation,
                                   dimension_numbers=_DIMENSION_NUMBERS,

@@ -4,11 +4,15 @@
 the multiply-adds that touch real input, so zero padding is not counted. `analytic_macs`
 counts every conv/dense output position times its kernel volume, padding included -- the
 convention of torchvision's and timm's published GFLOPS (fvcore), e.g. 4.09 for ResNet-50.
+Both trace the model with native convolutions: the count is the model's arithmetic, whatever
+lowering runs it (the "onednn" CPU lowering's FFI calls are invisible to both).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from resnet_jax.models import conv
 
 
 def _forward_inputs(model, image_size: int, channels: int = 3):
@@ -20,7 +24,8 @@ def _forward_inputs(model, image_size: int, channels: int = 3):
 def xla_macs(model, image_size: int, channels: int = 3) -> float:
   """MACs per image of the eval forward pass, from XLA's cost analysis."""
   variables, x = _forward_inputs(model, image_size, channels)
-  cost = jax.jit(model.apply).lower(variables, x).cost_analysis()
+  with conv.use_impl("native"):
+    cost = jax.jit(model.apply).lower(variables, x).cost_analysis()
   if isinstance(cost, (list, tuple)):     # older jax returned one dict per computation
     cost = cost[0]
   return float(cost["flops"]) / 2
@@ -29,7 +34,8 @@ def xla_macs(model, image_size: int, channels: int = 3) -> float:
 def analytic_macs(model, image_size: int, channels: int = 3) -> float:
   """MACs per image counted from the jaxpr's convolutions and matmuls, padding included."""
   variables, x = _forward_inputs(model, image_size, channels)
-  jaxpr = jax.make_jaxpr(model.apply)(variables, x).jaxpr
+  with conv.use_impl("native"):
+    jaxpr = jax.make_jaxpr(model.apply)(variables, x).jaxpr
   return float(_count(jaxpr))
 
 

@@ -1,7 +1,7 @@
 """Max pooling (the ImageNet stem's 3x3/2), with the same backend-specific choice as conv.py.
 
 "native": `flax.linen.max_pool` (reduce_window; its gradient is XLA's select-and-scatter).
-"cpu" (what conv.py's "auto" picks on CPU): the maximum over the window's strided taps,
+"cpu" and "onednn" (what conv.py's "auto" picks on CPU): the maximum over the window's strided taps,
 with a custom gradient that sends each output's gradient to the FIRST maximal input in
 row-major window order, exactly as select-and-scatter with `>=` does. XLA:CPU lowers the
 generic gradient through a variadic reduce-window over iota index planes; in a ResNet-50
@@ -43,6 +43,6 @@ _max_pool_taps.defvjp(_fwd, _bwd)
 
 def max_pool(x, window=(3, 3), strides=(2, 2), impl: str | None = None):
   """VALID max pooling of NHWC `x` through the lowering conv.py selects."""
-  if conv.resolve_impl(impl) == "cpu":
+  if conv.cpu_lowering(impl):
     return _max_pool_taps(x, tuple(window), tuple(strides))
   return nn.max_pool(x, tuple(window), strides=tuple(strides))

@@ -153,7 +153,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   _log(f"model {config.model.name}: {state_lib.count_params(state.params):,} params; "
        f"{config.data.dataset}: {train_split.num_examples_total} train / "
        f"{eval_split.num_examples_total} eval examples; {jax.device_count()} devices on "
-       f"{nproc} process(es); {steps_per_epoch} steps/epoch, {total_steps} steps")
+       f"{nproc} process(es); {steps_per_epoch} steps/epoch, {total_steps} steps; conv "
+       f"lowering {conv_lib.resolve_impl()}")
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
   replicated = mesh_lib.replicated(mesh)

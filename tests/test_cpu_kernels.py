@@ -1,0 +1,207 @@
+"""resnet_jax/cpu_kernels: the oneDNN convolutions and BatchNorm sums called through XLA's FFI.
+
+What the models see of them (same numbers as the native path, whole train steps) is in
+tests/test_conv_lowering.py; here: that they build on this kind of machine, the sums
+against float64, batch-sharded calls on 8 devices, the build cache, and the fallback and
+the error where they cannot build.
+"""
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import cpu_kernels, models
+from resnet_jax.cpu_kernels import library
+from resnet_jax.models import conv
+
+from conftest import REPO, cli_env
+
+x86_64_linux = sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+def test_the_kernels_build_on_x86_64_linux():
+  # Not a skip: CI is such a machine, and losing the kernels would silently cost ~1.5x.
+  if not x86_64_linux:
+    pytest.skip("oneDNN's wheels are x86-64 Linux only")
+  assert cpu_kernels.unavailable_reason() is None
+
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                   reason=f"{cpu_kernels.unavailable_reason()}")
+
+
+def _rand(rng, shape, loc=0.0, scale=1.0):
+  return (rng.standard_normal(shape) * scale + loc).astype(np.float32)
+
+
+# Odd channel counts, row counts that are no multiple of the kernels' 64-row blocks, a
+# single value, a wide 2048-channel map, and an offset mean (where float sums lose digits).
+SHAPES = [((3, 5, 7, 13), 0.0), ((2, 33, 33, 64), 0.0), ((1, 1, 1, 1), 0.0),
+          ((4, 3, 3, 2048), 0.0), ((16, 16, 16, 16), 100.0)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,loc", SHAPES)
+def test_channel_sums_match_float64(shape, loc):
+  rng = np.random.default_rng(0)
+  x = _rand(rng, shape, loc)
+  s, q = jax.jit(cpu_kernels.channel_sums)(x)
+  x64 = x.astype(np.float64).reshape(-1, shape[-1])
+  _assert_sums(s, x64)
+  _assert_sums(q, x64 ** 2)
+
+
+def _assert_sums(actual, terms):
+  """`actual` is the column sums of `terms` [rows, C] to float32 rounding: float partials
+  over 64-row blocks folded in double err by a few ulps of the sum of magnitudes."""
+  bound = 1e-6 * np.abs(terms).sum(0)
+  error = np.abs(np.asarray(actual, np.float64) - terms.sum(0))
+  assert (error <= bound).all(), float((error / bound).max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,loc", SHAPES)
+def test_centred_sums_match_float64(shape, loc):
+  rng = np.random.default_rng(1)
+  x, dy = _rand(rng, shape, loc), _rand(rng, shape)
+  mean = x.reshape(-1, shape[-1]).mean(0).astype(np.float32)
+  s, c = jax.jit(cpu_kernels.centred_sums)(dy, x, mean)
+  dy64, x64 = (a.astype(np.float64).reshape(-1, shape[-1]) for a in (dy, x))
+  _assert_sums(s, dy64)
+  _assert_sums(c, dy64 * (x64 - mean.astype(np.float64)))
+
+
+@needs_kernels
+def test_a_train_step_computes_no_unused_input_gradient():
+  """The stem's dx (the image's gradient) is dead code: XLA drops the FFI call, so a
+  step has one data-gradient convolution fewer than it has convolutions."""
+  model = models.create("resnet8", num_classes=10)
+  x = jnp.ones((2, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+
+  def loss(params):
+    with conv.use_impl("onednn"):
+      logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                              x, train=True, mutable=["batch_stats"])
+    return jnp.sum(logits)
+
+  hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+  count = lambda target: hlo.count(f'custom_call_target="{target}"')  # noqa: E731
+  convs = count("resnet_jax_conv_forward")
+  assert convs == sum(1 for k in jax.tree.leaves(variables["params"]) if k.ndim == 4) > 0
+  assert count("resnet_jax_conv_backward_weights") == convs
+  assert count("resnet_jax_conv_backward_data") == convs - 1
+
+
+SHARDED = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from resnet_jax import cpu_kernels
+    from resnet_jax.models import conv
+
+    mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((16, 9, 9, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 6, 5)), jnp.float32)
+
+    def f(x, w, impl):
+      def loss(x, w):
+        y = conv.conv2d(x, w, (2, 2), "SAME", impl=impl)
+        return jnp.sum(jnp.sin(y)), y
+      grads, y = jax.grad(loss, (0, 1), has_aux=True)(x, w)
+      s, q = cpu_kernels.channel_sums(y) if impl == "onednn" else (
+          jnp.sum(y, (0, 1, 2)), jnp.sum(y * y, (0, 1, 2)))
+      return grads, (y, s, q)
+
+    step = jax.jit(lambda x, w: f(x, w, "onednn"))
+    xs = jax.device_put(x, batch)
+    grads, (y, s, q) = step(xs, w)
+    (gx_ref, gw_ref), (y_ref, s_ref, q_ref) = jax.jit(lambda x, w: f(x, w, "native"))(x, w)
+    err = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    hlo = step.lower(xs, w).compile().as_text()
+    print(json.dumps(dict(
+        errors=[err(a, b) for a, b in [(y, y_ref), (s, s_ref), (q, q_ref),
+                                       (grads[0], gx_ref), (grads[1], gw_ref)]],
+        y_sharding=str(y.sharding.spec), gx_sharding=str(grads[0].sharding.spec),
+        devices=len(y.sharding.device_set),
+        all_gathers=hlo.count(" all-gather("), all_reduces=hlo.count(" all-reduce("),
+        local_forward="f32[2,5,5,5]{3,2,1,0} custom-call(" in hlo)))
+""")
+
+
+@needs_kernels
+def test_batch_sharded_calls_on_8_devices_match_one_device():
+  """The kernels' custom partitioning: each device convolves its 2 of 16 images (the FFI
+  call's output is the local f32[2,5,5,5]), nothing is gathered, and the batch sums (dw,
+  BN sums) are all-reduced: the same numbers as the native path on one device."""
+  proc = subprocess.run([sys.executable, "-c", SHARDED], cwd=REPO, env=cli_env(8),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert max(r["errors"]) < 2e-5, r
+  assert r["devices"] == 8 and "data" in r["y_sharding"] and "data" in r["gx_sharding"], r
+  assert r["local_forward"] and r["all_gathers"] == 0, r
+  assert r["all_reduces"] >= 1, r   # dw and the two BN sums (XLA may combine them)
+
+
+@needs_kernels
+def test_the_build_is_cached_and_keyed_by_what_it_depends_on(monkeypatch):
+  path = library.build()
+  assert path.is_file() and library.build() == path          # second call: the cache
+  cxx, onednn = library._compiler(), library._onednn_root()
+  key = library._build_key(cxx, onednn)
+  assert path.name == f"resnet_jax_cpu_kernels-{key}.so"
+  # Another CPU (a cache shared over NFS): -march=native code must not be reused there.
+  monkeypatch.setattr(library, "_cpu_flags", lambda: "flags : sse2")
+  assert library._build_key(cxx, onednn) != key
+
+
+UNAVAILABLE = textwrap.dedent("""
+    import warnings
+    from resnet_jax.models import conv
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      print("auto ->", conv.resolve_impl("auto"))
+    print("warning:", caught[0].message)
+    try:
+      conv.resolve_impl("onednn")
+    except Exception as e:
+      print("onednn ->", type(e).__name__, e)
+""")
+
+
+def test_without_a_compiler_auto_falls_back_to_xla_and_onednn_says_why(tmp_path):
+  env = cli_env(1, CXX=str(tmp_path / "no-such-g++"), RESNET_JAX_KERNEL_CACHE=str(tmp_path))
+  proc = subprocess.run([sys.executable, "-c", UNAVAILABLE], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0] == "auto -> cpu"
+  assert "no C++ compiler found (looked for" in lines[1] and "no-such-g++" in lines[1]
+  assert lines[2].startswith("onednn -> KernelsUnavailable conv impl 'onednn': no C++ ")
+
+
+@pytest.mark.parametrize("command", [
+    ["-m", "resnet_jax.benchmark", "--model", "resnet8", "--image-size", "8",
+     "--batch-per-device", "2", "--devices", "1", "--conv-impl", "onednn"],
+    ["-m", "resnet_jax", "--config=configs/digits_resnet20.py", "--workdir={workdir}"]])
+def test_asking_for_onednn_where_it_cannot_build_is_a_one_line_error(tmp_path, command):
+  workdir = tmp_path / "run"
+  env = cli_env(1, CXX=str(tmp_path / "no-such-g++"), RESNET_JAX_KERNEL_CACHE=str(tmp_path),
+                RESNET_JAX_CONV_IMPL="onednn")   # the trainer's way to ask; the benchmark's flag
+  proc = subprocess.run([sys.executable, *(a.format(workdir=workdir) for a in command)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "conv impl 'onednn': no C++ compiler found" in lines[0], lines
+  assert not (workdir / "config.json").exists()   # the trainer wrote nothing
