@@ -2,7 +2,8 @@
 
 Compiles the same step as `python -m resnet_jax.benchmark` (synthetic batch, one device),
 runs it under `jax.profiler.trace`, and sums the XLA op events of the trace: per op kind
-("ynn_fusion" = convolutions/matmuls, "transpose_copy_fusion", the BN/ReLU loop fusions, ...)
+("ynn_fusion" = YNNPACK's matmuls and reductions, "transpose_copy_fusion", the BN/ReLU loop
+fusions, the CPU kernels' FFI calls by target, ...)
 and for the slowest instances, with the HLO of each written beside the trace. This is how
 the CPU lowering in resnet_jax/models/conv.py was found (experiments/performance.md).
 
@@ -21,6 +22,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -61,8 +63,11 @@ def main(argv=None) -> int:
   shutil.rmtree(args.out, ignore_errors=True)
   with jax.profiler.trace(args.out, create_perfetto_trace=True):
     state, _ = benchmark._timed_steps(compiled, state, batches, args.steps, pipelined=False)
+  hlo = compiled.as_text()
   with open(os.path.join(args.out, "hlo.txt"), "w") as f:
-    f.write(compiled.as_text())
+    f.write(hlo)
+  # FFI calls (the "onednn" lowering's kernels) show as ffi_call.N: name them by target.
+  targets = dict(re.findall(r"%(ffi_call[\w.]*) = .*?custom_call_target=\"(\w+)\"", hlo))
   trace = glob.glob(os.path.join(args.out, "**", "*.trace.json.gz"), recursive=True)[0]
   events = json.load(gzip.open(trace))
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
     if e.get("ph") != "X" or name.startswith("$") or "Thunk" in name or "trace" in name:
       continue
     by_op[name] += e["dur"]
-    by_kind[name.rsplit(".", 1)[0]] += e["dur"]
+    by_kind[targets.get(name) or name.rsplit(".", 1)[0]] += e["dur"]
   ms = lambda us: us / args.steps / 1e3   # noqa: E731
   print(f"\nms/step by op kind (HLO of the step: {args.out}/hlo.txt)")
   for kind, us in by_kind.most_common(15):

@@ -205,3 +205,31 @@ def test_asking_for_onednn_where_it_cannot_build_is_a_one_line_error(tmp_path, c
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "conv impl 'onednn': no C++ compiler found" in lines[0], lines
   assert not (workdir / "config.json").exists()   # the trainer wrote nothing
+
+
+@needs_kernels
+def test_max_pool_matches_select_and_scatter_on_nans_infinities_and_shared_winners():
+  """Edge cases of the kernel's first-maximum rule against XLA's native max pool: -inf
+  everywhere (the first tap wins), one value that wins four overlapping 3x3/2 windows (its
+  gradient is their sum), and a NaN: y is NaN as natively, and the NaN window's gradient is
+  dropped, as the XLA "cpu" lowering does (select-and-scatter hands it to some other tap)."""
+  from resnet_jax.models import pool
+  x = np.zeros((2, 5, 5, 3), np.float32)
+  x[0, 2, 2, 0] = 5.0                    # centre of the 5x5: in all four windows
+  x[0, 0, 0, 1] = np.nan
+  x[1, :, :, 2] = -np.inf
+  x[1, 1, 3, 1] = 2.0
+  dy = np.arange(1, 2 * 2 * 2 * 3 + 1, dtype=np.float32).reshape(2, 2, 2, 3)
+
+  def run(impl):
+    y, vjp = jax.vjp(lambda x: pool.max_pool(x, (3, 3), (2, 2), impl=impl), jnp.asarray(x))
+    return np.asarray(y), np.asarray(vjp(jnp.asarray(dy))[0])
+
+  (y, dx), (y_ref, dx_ref), (_, dx_cpu) = run("onednn"), run("native"), run("cpu")
+  np.testing.assert_array_equal(y, y_ref)          # NaN where the native y is NaN, too
+  assert np.isnan(y[0, 0, 0, 1]) and dx[0, 2, 2, 0] == dy[0, :, :, 0].sum()
+  np.testing.assert_array_equal(dx, dx_cpu)
+  # Natively, the NaN window's gradient lands on one tap inside it; nothing else differs.
+  (where,) = np.argwhere(dx_ref != dx)
+  assert where[0] == 0 and where[3] == 1 and max(where[1:3]) < 3, where
+  assert dx_ref[tuple(where)] - dx[tuple(where)] == dy[0, 0, 0, 1]

@@ -6,7 +6,9 @@ performance.md). This package gives the CPU lowering (`resnet_jax.models.conv`, 
 
   - convolutions (forward, dx, dw) on oneDNN, the library PyTorch's CPU convolutions use:
     `onednn_conv.cc`;
-  - BatchNorm's per-channel sums in one pass over memory: `channel_sums.cc`.
+  - BatchNorm's per-channel sums in one pass over memory: `channel_sums.cc`;
+  - max pooling whose gradient is one pass (the forward records each window's winner):
+    `max_pool.cc`.
 
 `library.py` compiles the C++ on first use (g++, cached per machine) and registers it;
 `ops.py` wraps each kernel as a JAX op that XLA partitions along the batch like any other.
@@ -15,7 +17,7 @@ False and `unavailable_reason()` says why; the models then use the XLA-only lowe
 """
 
 from resnet_jax.cpu_kernels.library import KernelsUnavailable, available, unavailable_reason
-from resnet_jax.cpu_kernels.ops import centred_sums, channel_sums, conv2d
+from resnet_jax.cpu_kernels.ops import centred_sums, channel_sums, conv2d, max_pool
 
 __all__ = ["KernelsUnavailable", "available", "unavailable_reason", "centred_sums",
-           "channel_sums", "conv2d"]
+           "channel_sums", "conv2d", "max_pool"]

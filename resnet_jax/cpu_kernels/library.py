@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 
 _HERE = Path(__file__).resolve().parent
-SOURCES = ("onednn_conv.cc", "channel_sums.cc")
+SOURCES = ("onednn_conv.cc", "channel_sums.cc", "max_pool.cc")
 HEADERS = ("kernel_lock.h",)
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 # FFI target name -> exported handler symbol.
@@ -34,6 +34,8 @@ TARGETS = {
     "resnet_jax_conv_backward_weights": "ResnetJaxConvBackwardWeights",
     "resnet_jax_channel_sums": "ResnetJaxChannelSums",
     "resnet_jax_centred_sums": "ResnetJaxCentredSums",
+    "resnet_jax_max_pool_forward": "ResnetJaxMaxPoolForward",
+    "resnet_jax_max_pool_backward": "ResnetJaxMaxPoolBackward",
 }
 
 

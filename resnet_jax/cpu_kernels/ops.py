@@ -156,3 +156,52 @@ def centred_sums(dy, x, mean):
   """(sum dy, sum dy * (x - mean)) over every axis but the last, float32 [C] each."""
   c = x.shape[-1]
   return _centred_sums(dy.reshape(-1, c), x.reshape(-1, c), mean)
+
+
+# --- max pooling -------------------------------------------------------------------------
+
+@functools.cache
+def _max_pool_ops(window, strides, hw):
+  """(forward, backward) of VALID max pooling over [N, h, w, C] maps."""
+  attrs = dict(window=np.asarray(window, np.int64), strides=np.asarray(strides, np.int64))
+  ho, wo = ((size - k) // s + 1 for size, k, s in zip(hw, window, strides))
+  spatial = ("h", "w", "ho", "wo", "c")
+
+  def forward(x):
+    shape = (x.shape[0], ho, wo, x.shape[3])
+    return tuple(_ffi("resnet_jax_max_pool_forward", (jax.ShapeDtypeStruct(shape, jnp.float32),
+                                                      jax.ShapeDtypeStruct(shape, jnp.int8)),
+                      x, **attrs))
+
+  def backward(dy, winner):
+    shape = (dy.shape[0], *hw, dy.shape[3])
+    return (_ffi("resnet_jax_max_pool_backward", jax.ShapeDtypeStruct(shape, jnp.float32), dy,
+                 winner, **attrs),)
+
+  return (_batch_partitioned(forward, "n h w c -> n ho wo c, n ho wo c", (True,),
+                             (True, True), spatial),
+          _batch_partitioned(backward, "n ho wo c, n ho wo c -> n h w c", (True, True),
+                             (True,), spatial))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x, geometry):
+  return _max_pool_ops(*geometry)[0](x)[0]
+
+
+def _max_pool_fwd(x, geometry):
+  y, winner = _max_pool_ops(*geometry)[0](x)
+  return y, winner
+
+
+def _max_pool_bwd(geometry, winner, dy):
+  return (_max_pool_ops(*geometry)[1](dy, winner)[0],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x, window, strides):
+  """VALID max pooling of float32 NHWC `x`; the gradient goes to each window's first
+  maximum, as select-and-scatter's."""
+  return _max_pool(x, (tuple(window), tuple(strides), tuple(x.shape[1:3])))

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax import cpu_kernels
 from resnet_jax.models import conv
 
 
@@ -43,6 +44,9 @@ _max_pool_taps.defvjp(_fwd, _bwd)
 
 def max_pool(x, window=(3, 3), strides=(2, 2), impl: str | None = None):
   """VALID max pooling of NHWC `x` through the lowering conv.py selects."""
-  if conv.cpu_lowering(impl):
+  impl = conv.resolve_impl(impl)
+  if impl == "onednn" and x.dtype == jnp.float32:
+    return cpu_kernels.max_pool(x, window, strides)
+  if impl in conv.CPU_LOWERINGS:
     return _max_pool_taps(x, tuple(window), tuple(strides))
   return nn.max_pool(x, tuple(window), strides=tuple(strides))
