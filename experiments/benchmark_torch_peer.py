@@ -319,7 +319,8 @@ def _parse(argv):
 
 def _summary(name, times, batch, flops):
   step = float(np.median(times))
-  return dict(name=name, step_ms=round(step * 1e3, 2), images_per_s=round(batch / step, 1),
+  return dict(name=name, step_s=step, step_ms=round(step * 1e3, 2),
+              images_per_s=round(batch / step, 1),
               tflops=round(flops / step / 1e12, 4) if flops else None,
               step_ms_all=[round(t * 1e3, 2) for t in times])
 
@@ -345,8 +346,8 @@ def main(argv=None) -> int:
           for o in ours]
   torch_row = _summary(f"torch {torch.__version__} ({'compile' if args.device != 'cpu' else 'eager'})",
                        times["torch"], args.batch, flops)
-  for row in rows:
-    row["ours_over_torch"] = round(row["images_per_s"] / torch_row["images_per_s"], 3)
+  for row in rows:   # from the medians themselves (images/s are rounded to 0.1)
+    row["ours_over_torch"] = round(torch_row["step_s"] / row["step_s"], 3)
   print(f"{args.model} {args.image_size}x{args.image_size} batch {args.batch} {args.dtype} on "
         f"{args.device}; torch model: {theirs.source}, {theirs.params:,} params, "
         f"{torch.get_num_threads()} threads; {args.rounds} rounds x {args.steps} steps, "
