@@ -5,9 +5,10 @@ and weight converters do not care which lowering ran. Only the computation diffe
 
   "native": `lax.conv_general_dilated` and its autodiff -- cuDNN / TPU convolutions.
   "onednn": float32 convolutions (forward, dx, dw) on oneDNN's CPU kernels through XLA's
-            FFI, BatchNorm's batch sums in one pass (resnet_jax/cpu_kernels), and the rest
-            of the "cpu" lowering below around them. The fastest on CPU by far
-            (experiments/performance.md); needs a C++ compiler and the oneDNN wheels.
+            FFI, BatchNorm's batch sums and the max pool as one-pass kernels
+            (resnet_jax/cpu_kernels), and the rest of the "cpu" lowering below around them.
+            The fastest on CPU by far (experiments/performance.md); needs a C++ compiler
+            and the oneDNN wheels.
   "cpu":    XLA:CPU alone, as fast as it was measured to go (see experiments/
             performance.md): kxk convolutions on XLA's Eigen kernels rather than YNNPACK's
             (`compiler_options()`, which every jit running a model passes), their weight
@@ -93,7 +94,7 @@ def resolve_impl(impl: str | None = None) -> str:
 
 
 def cpu_lowering(impl: str | None = None) -> bool:
-  """Whether `impl` means one of the CPU lowerings (BatchNorm and pooling ask this)."""
+  """Whether `impl` means one of the CPU lowerings ("cpu" or "onednn")."""
   return resolve_impl(impl) in CPU_LOWERINGS
 
 
