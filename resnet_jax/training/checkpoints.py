@@ -10,6 +10,8 @@ Resume order: the newest save that restores cleanly; an unreadable one is moved 
 deleted) and the next older one is tried.
 """
 
+import inspect
+import logging
 import os
 import shutil
 import subprocess
@@ -38,6 +40,41 @@ def code_version() -> str:
   return resnet_jax.__version__
 
 
+# Smallest piece of a replicated array worth writing from another replica.
+_MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _use_array_handler_for_this_topology():
+  """Register Orbax's jax.Array handler with replica-parallel writes only where they pay.
+
+  By default Orbax writes an array replicated on N devices "replica-parallel": every
+  replica writes 1/N of it, each piece cut out by one eagerly dispatched (and, per shape,
+  compiled) slice. That spreads a save over the hosts of a multi-host run; on one process
+  it only multiplies the work by N: a resnet8 on 8 CPU devices spent 4.7 s of a 5.1 s save
+  compiling ~1,400 slices. So: off on one process, and on several only for arrays whose
+  pieces are at least 1 MiB. The files written are the same either way.
+  """
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  replica_parallel = jax.process_count() > 1
+  if getattr(default, "_resnet_jax_replica_parallel", None) == replica_parallel:
+    return
+  options = {"use_replica_parallel": replica_parallel,
+             "min_slice_bytes_for_replica_parallel": _MIN_REPLICA_SLICE_BYTES,
+             # keep the per-host array metadata the default handler records
+             "array_metadata_store": getattr(default, "_array_metadata_store", None)}
+  accepted = inspect.signature(ocp.type_handlers.ArrayHandler).parameters
+  handler = ocp.type_handlers.ArrayHandler(
+      **{k: v for k, v in options.items() if k in accepted})
+  handler._resnet_jax_replica_parallel = replica_parallel
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)   # the override is intended: no "overriding" warning
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_log.setLevel(level)
+
+
 def _manager(directory, *, keep, interval, async_save, best_metric=None, best_mode="max"):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, save_interval_steps=interval, enable_async_checkpointing=async_save,
@@ -54,6 +91,7 @@ class Checkpoints:
   def __init__(self, workdir: str, ckpt_cfg):
     workdir = os.path.abspath(workdir)
     self.workdir = workdir
+    _use_array_handler_for_this_topology()
     self.directory = os.path.join(workdir, "checkpoints")
     self.manager = _manager(self.directory, keep=ckpt_cfg.keep, interval=ckpt_cfg.every_steps,
                             async_save=ckpt_cfg.async_save)
