@@ -190,8 +190,7 @@ def _max_pool(x, geometry):
 
 
 def _max_pool_fwd(x, geometry):
-  y, winner = _max_pool_ops(*geometry)[0](x)
-  return y, winner
+  return _max_pool_ops(*geometry)[0](x)   # (y, winner): the winner is the residual
 
 
 def _max_pool_bwd(geometry, winner, dy):
