@@ -42,7 +42,8 @@ run() {
 }
 
 # Back malloc with transparent huge pages: XLA:CPU re-faults every page of its step buffers
-# otherwise (resnet_jax/hugepages.py). RESNET_JAX_HUGEPAGES=0 leaves the allocator alone.
+# otherwise (resnet_jax/allocator.py; the Python entry points also preload its big-buffer
+# reuse library themselves). RESNET_JAX_HUGEPAGES=0 leaves the tunable alone.
 if [ "${RESNET_JAX_HUGEPAGES:-1}" != 0 ] && [[ ":${GLIBC_TUNABLES:-}:" != *":glibc.malloc.hugetlb=1:"* ]]; then
   export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
 fi

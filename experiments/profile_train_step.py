@@ -90,6 +90,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from resnet_jax import hugepages
-  hugepages.reexec_if_missing()   # profile what the entry points run (resnet_jax/hugepages.py)
+  from resnet_jax import allocator
+  allocator.reexec_if_missing()   # profile what the entry points run (resnet_jax/allocator.py)
   sys.exit(main())

@@ -1,8 +1,8 @@
 import sys
 
-from resnet_jax import hugepages
+from resnet_jax import allocator
 
-hugepages.reexec_if_missing()   # before JAX allocates anything; see hugepages.py
+allocator.reexec_if_missing()   # before JAX allocates anything; see allocator.py
 
 from resnet_jax.main import main  # noqa: E402
 

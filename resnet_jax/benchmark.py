@@ -346,7 +346,7 @@ class UsageError(Exception):
 def run(args, out, reply) -> dict:
   """The benchmark; the table goes to `out`, --serve answers to `reply`."""
   import jax
-  from resnet_jax import cpu_kernels, hugepages
+  from resnet_jax import allocator, cpu_kernels
   from resnet_jax.models import conv as conv_lib
   from resnet_jax.training import mesh as mesh_lib
 
@@ -367,8 +367,8 @@ def run(args, out, reply) -> dict:
   h, w, c = work.shape
   print(f"{work.model_name} {h}x{w}x{c} {args.dtype}, {args.batch_per_device}/device, "
         f"{args.mode}, conv {args.conv_impl} (-> {conv_lib.resolve_impl()}), backend "
-        f"{jax.default_backend()} ({device.device_kind}), jax {jax.__version__}, malloc huge "
-        f"pages {'on' if hugepages.enabled() else 'off'}", file=out)
+        f"{jax.default_backend()} ({device.device_kind}), jax {jax.__version__}, "
+        f"{allocator.describe()}", file=out)
   print(f"{'devices':>7} {'global batch':>12} {'compile s':>9} {'step ms':>9} "
         f"{'images/s':>10} {'efficiency':>10} {'TFLOP/s':>8} {'MFU':>7}", file=out)
   rows, base = [], None
@@ -406,7 +406,8 @@ def run(args, out, reply) -> dict:
       {k: v for k, v in vars(args).items() if k not in _NOT_REPORTED},
       model=work.model_name, image_shape=list(work.shape), num_classes=work.num_classes,
       conv_impl_resolved=conv_lib.resolve_impl(), backend=jax.default_backend(),
-      malloc_hugepages=hugepages.enabled(),
+      malloc_hugepages=allocator.enabled(),
+      buffer_reuse=allocator.buffer_reuse_active(),
       device_kind=device.device_kind, jax=jax.__version__,
       peak_flops=peak, peak_flops_source=peak_source,
       peak_flops_is_whole_host=host_peak, peak_memory_bytes=memory,
@@ -445,6 +446,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from resnet_jax import hugepages
-  hugepages.reexec_if_missing()   # see hugepages.py
+  from resnet_jax import allocator
+  allocator.reexec_if_missing()   # see allocator.py
   sys.exit(main())

@@ -75,6 +75,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from resnet_jax import hugepages
-  hugepages.reexec_if_missing()   # see hugepages.py
+  from resnet_jax import allocator
+  allocator.reexec_if_missing()   # see allocator.py
   sys.exit(main())

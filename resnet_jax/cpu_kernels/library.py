@@ -23,6 +23,8 @@ from pathlib import Path
 
 import jax
 
+from resnet_jax import allocator
+
 _HERE = Path(__file__).resolve().parent
 SOURCES = ("onednn_conv.cc", "channel_sums.cc", "max_pool.cc")
 HEADERS = ("kernel_lock.h",)
@@ -75,13 +77,6 @@ def _cpu_flags() -> str:
   return platform.processor()
 
 
-def _cache_dir() -> Path:
-  if os.environ.get("RESNET_JAX_KERNEL_CACHE"):
-    return Path(os.environ["RESNET_JAX_KERNEL_CACHE"])
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-  return Path(base) / "resnet_jax" / "cpu_kernels"
-
-
 def _command(cxx: str, onednn: Path, output: Path) -> list[str]:
   lib = onednn / "lib"
   return [cxx, *_FLAGS, *(str(_HERE / s) for s in SOURCES), f"-I{_HERE}",
@@ -107,7 +102,7 @@ def build() -> Path:
     raise KernelsUnavailable(f"built for x86-64 Linux only (this is {sys.platform} "
                              f"{platform.machine()}): oneDNN's wheels exist only there")
   cxx, onednn = _compiler(), _onednn_root()
-  cache = _cache_dir()
+  cache = allocator.cache_dir()   # shared with the buffer-reuse library
   target = cache / f"resnet_jax_cpu_kernels-{_build_key(cxx, onednn)}.so"
   if target.exists():
     return target

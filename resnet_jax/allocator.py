@@ -1,0 +1,174 @@
+"""How our processes allocate memory on the host: glibc huge pages, and big-buffer reuse.
+
+XLA:CPU mallocs each step's large buffers (activations, their gradients, one temp buffer
+of 0.6 GB for a ResNet-18 step at batch 32) and frees them when the step ends. glibc serves
+blocks that big with a fresh mmap() and returns them with munmap(), so every step the kernel
+faults in and zeroes all of that memory again. Two remedies, both set up when a process
+starts (glibc reads tunables, and the dynamic loader LD_PRELOAD, only then):
+
+- Huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc >= 2.35): one fault per 2 MiB
+  instead of per 4 KiB. A CIFAR ResNet-20 step (batch 128, 2 cores) went from ~73,000
+  faults and ~270 ms to ~195 ms (experiments/performance.md). RESNET_JAX_HUGEPAGES=0
+  turns it off.
+- Big-buffer reuse (`buffer_reuse.c`, LD_PRELOAD'ed): a freed block of >= 8 MiB stays
+  mapped and serves the next request that fits, so a step faults nothing in. That took a
+  ResNet-18 step from ~2460 to ~1940 ms of which ~320 ms/step had been system time
+  zeroing pages. RESNET_JAX_BUFFER_REUSE=0 turns it off; RESNET_JAX_BUFFER_REUSE_MIN_MIB
+  (8) and RESNET_JAX_BUFFER_REUSE_MAX_MIB (a quarter of RAM: what may stay cached) tune it.
+  It is compiled on first use with the machine's C compiler ($CC, cc or gcc) and cached
+  beside the CPU kernels; where that fails, the process runs without it and says why once.
+
+launch.sh exports the tunable, and the command-line entry points (`python -m resnet_jax`,
+`python -m resnet_jax.benchmark`, the experiments that time steps) re-execute themselves
+once (same PID, same arguments) with whatever is missing. This module imports nothing
+outside the standard library, so the PyTorch peer script can use it too.
+"""
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+TUNABLE = "glibc.malloc.hugetlb=1"
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+_SOURCE = Path(__file__).resolve().parent / "buffer_reuse.c"
+_LIBRARY_PREFIX = "resnet_jax_buffer_reuse-"
+_CFLAGS = ("-O2", "-shared", "-fPIC", "-Wall")
+
+
+def supported() -> bool:
+  """Linux with glibc, and a kernel whose transparent huge pages are not switched off."""
+  if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  try:
+    with open(_THP_SETTING) as f:
+      return "[never]" not in f.read()
+  except OSError:
+    return False
+
+
+def enabled(env=None) -> bool:
+  """Whether this process (or `env`) runs with the huge-page tunable."""
+  env = os.environ if env is None else env
+  return TUNABLE in env.get("GLIBC_TUNABLES", "").split(":")
+
+
+def with_tunable(env) -> dict:
+  """A copy of `env` whose GLIBC_TUNABLES also asks for huge pages (other tunables kept)."""
+  env = dict(env)
+  if not enabled(env):
+    current = env.get("GLIBC_TUNABLES", "")
+    env["GLIBC_TUNABLES"] = f"{current}:{TUNABLE}" if current else TUNABLE
+  return env
+
+
+def cache_dir() -> Path:
+  """Where compiled helpers live: $RESNET_JAX_KERNEL_CACHE, else ~/.cache/resnet_jax/cpu_kernels."""
+  if os.environ.get("RESNET_JAX_KERNEL_CACHE"):
+    return Path(os.environ["RESNET_JAX_KERNEL_CACHE"])
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+  return Path(base) / "resnet_jax" / "cpu_kernels"
+
+
+class BufferReuseUnavailable(RuntimeError):
+  """Why the buffer-reuse library cannot be built here (one line)."""
+
+
+def _c_compiler() -> str:
+  candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc"]
+  for cc in candidates:
+    if found := shutil.which(cc):
+      return found
+  raise BufferReuseUnavailable(f"no C compiler found (looked for {' and '.join(candidates)})")
+
+
+def buffer_reuse_library() -> Path:
+  """The compiled buffer-reuse library, built now (under a lock) if the cache has none."""
+  if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    raise BufferReuseUnavailable(f"needs Linux with glibc (this is {sys.platform})")
+  cc = _c_compiler()
+  version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+  key = hashlib.sha256(_SOURCE.read_bytes() + "\0".join(
+      [version, " ".join(_CFLAGS), platform.machine()]).encode()).hexdigest()[:16]
+  cache = cache_dir()
+  target = cache / f"{_LIBRARY_PREFIX}{key}.so"
+  if target.exists():
+    return target
+  try:
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)     # another process may be building the same file
+      if target.exists():
+        return target
+      partial = target.with_suffix(f".{os.getpid()}.tmp")
+      result = subprocess.run([cc, *_CFLAGS, str(_SOURCE), "-o", str(partial), "-ldl"],
+                              capture_output=True, text=True)
+      if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        lines = result.stderr.strip().splitlines()
+        tail = " | ".join([l for l in lines if "error" in l][:3] or lines[-3:])
+        raise BufferReuseUnavailable(f"compiling {_SOURCE.name} with {cc} failed: {tail}")
+      os.replace(partial, target)          # atomic: readers see a whole file or none
+  except OSError as e:
+    raise BufferReuseUnavailable(f"cannot write {cache}: {e}") from e
+  return target
+
+
+def buffer_reuse_preloaded(env=None) -> bool:
+  """Whether LD_PRELOAD (of this process, or `env`) names the buffer-reuse library."""
+  env = os.environ if env is None else env
+  return any(Path(p).name.startswith(_LIBRARY_PREFIX)
+             for p in env.get("LD_PRELOAD", "").replace(":", " ").split())
+
+
+def buffer_reuse_active() -> bool:
+  """Whether the library is loaded into this very process (not just asked for)."""
+  try:
+    with open("/proc/self/maps") as f:
+      return _LIBRARY_PREFIX in f.read()
+  except OSError:
+    return False
+
+
+def describe() -> str:
+  """One phrase for benchmark headers."""
+  return (f"malloc huge pages {'on' if enabled() else 'off'}, "
+          f"buffer reuse {'on' if buffer_reuse_active() else 'off'}")
+
+
+def wanted_env(env) -> dict:
+  """`env` plus what this machine supports and the user did not turn off. Build problems
+  of the reuse library are reported on stderr once and leave it out."""
+  env = dict(env)
+  if env.get("RESNET_JAX_HUGEPAGES", "1") != "0" and supported():
+    env = with_tunable(env)
+  if env.get("RESNET_JAX_BUFFER_REUSE", "1") != "0" and not buffer_reuse_preloaded(env):
+    try:
+      library = str(buffer_reuse_library())
+    except BufferReuseUnavailable as e:
+      print(f"resnet_jax: big-buffer reuse off: {e}", file=sys.stderr, flush=True)
+      env["RESNET_JAX_BUFFER_REUSE"] = "0"   # said once; children do not retry
+    else:
+      current = env.get("LD_PRELOAD", "")
+      env["LD_PRELOAD"] = f"{library}:{current}" if current else library
+  return env
+
+
+def reexec_if_missing() -> None:
+  """First thing under `if __name__ == "__main__"`: restart this command with what
+  `wanted_env` adds, when anything is missing. Never call it from library code (it replaces
+  the running process)."""
+  env = wanted_env(os.environ)
+  if env == dict(os.environ):
+    return
+  if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD") and \
+      env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):
+    os.environ.update(env)    # only the opt-out marker changed: no restart needed
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)

@@ -1,0 +1,194 @@
+"""resnet_jax.allocator: the command-line entry points restart themselves once with glibc's
+huge-page tunable and the big-buffer reuse library preloaded, keep the user's own settings,
+and leave the allocator alone when told to. buffer_reuse.c itself: big blocks come back
+at the same address with their alignment, realloc keeps their bytes, the cache stays within
+its limit, fork works, and a jitted step stops faulting its buffers in."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from resnet_jax import allocator
+
+_OURS = ("GLIBC_TUNABLES", "LD_PRELOAD", "RESNET_JAX_HUGEPAGES", "RESNET_JAX_BUFFER_REUSE",
+         "RESNET_JAX_BUFFER_REUSE_MIN_MIB", "RESNET_JAX_BUFFER_REUSE_MAX_MIB")
+
+_PROBE = ("import os, sys; from resnet_jax import allocator; "
+          "print('start', os.getpid(), flush=True); allocator.reexec_if_missing(); "
+          "print('run', os.getpid(), os.environ.get('GLIBC_TUNABLES'), "
+          "allocator.buffer_reuse_active())")
+
+
+def _clean_env(**changes):
+  env = {k: v for k, v in os.environ.items() if k not in _OURS}
+  env.update(changes)
+  return env
+
+
+def _probe(**env_changes):
+  out = subprocess.run([sys.executable, "-c", _PROBE], env=_clean_env(**env_changes),
+                       capture_output=True, text=True, check=True, timeout=120).stdout
+  return [line.split(" ") for line in out.split("\n") if line]
+
+
+def _run_preloaded(code, **env_changes):
+  """Run `code` in a fresh interpreter with the reuse library preloaded; its stdout."""
+  env = _clean_env(LD_PRELOAD=str(allocator.buffer_reuse_library()), **env_changes)
+  return subprocess.run([sys.executable, "-c", _LIBC + textwrap.dedent(code)], env=env,
+                        capture_output=True, text=True, check=True, timeout=300).stdout
+
+
+_LIBC = """
+import ctypes, os
+c = ctypes.CDLL(None)
+for name in ("malloc", "aligned_alloc", "realloc"):
+  getattr(c, name).restype = ctypes.c_void_p
+c.malloc.argtypes = [ctypes.c_size_t]
+c.aligned_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+c.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+c.free.argtypes = [ctypes.c_void_p]
+c.malloc_usable_size.argtypes = [ctypes.c_void_p]
+c.malloc_usable_size.restype = ctypes.c_size_t
+c.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
+MiB = 1 << 20
+def mapped(address):
+  for line in open("/proc/self/maps"):
+    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+    if lo <= address < hi:
+      return True
+  return False
+"""
+
+
+def test_tunable_is_added_to_existing_ones_once():
+  env = allocator.with_tunable({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  assert allocator.with_tunable(env) == env
+  assert allocator.with_tunable({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert not allocator.enabled({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=10"})
+
+
+def test_preload_goes_first_and_keeps_the_users_libraries():
+  env = allocator.wanted_env({"LD_PRELOAD": "/opt/lib/libfoo.so",
+                              "RESNET_JAX_HUGEPAGES": "0"})
+  first, rest = env["LD_PRELOAD"].split(":")
+  assert allocator.buffer_reuse_preloaded({"LD_PRELOAD": first}) and rest == "/opt/lib/libfoo.so"
+  assert "GLIBC_TUNABLES" not in env
+  assert allocator.wanted_env(env) == env          # already there: nothing more to add
+
+
+@pytest.mark.skipif(not allocator.supported(), reason="no glibc or transparent huge pages")
+def test_entry_point_restarts_itself_once_with_tunable_and_library():
+  lines = _probe(GLIBC_TUNABLES="glibc.malloc.arena_max=4")
+  # printed before the exec, again after it (same PID), then the run itself: exactly once
+  starts = [pid for tag, pid, *_ in lines if tag == "start"]
+  runs = [(pid, *rest) for tag, pid, *rest in lines if tag == "run"]
+  assert len(starts) == 2 and len(set(starts)) == 1
+  assert runs == [(starts[0], "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1", "True")]
+
+
+def test_opt_outs_and_already_set_run_without_restart():
+  library = str(allocator.buffer_reuse_library())
+  for env, tunables, active in (
+      ({"RESNET_JAX_HUGEPAGES": "0", "RESNET_JAX_BUFFER_REUSE": "0"}, "None", "False"),
+      ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "LD_PRELOAD": library},
+       "glibc.malloc.hugetlb=1", "True")):
+    lines = _probe(**env)
+    assert [tag for tag, *_ in lines] == ["start", "run"]
+    assert lines[1][2:] == [tunables, active]
+
+
+def test_without_a_compiler_the_process_runs_on_and_says_why_once(tmp_path):
+  env = _clean_env(CC=str(tmp_path / "no-such-cc"), RESNET_JAX_KERNEL_CACHE=str(tmp_path),
+                   RESNET_JAX_HUGEPAGES="0")
+  result = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
+                          text=True, check=True, timeout=120)
+  assert [l.split(" ")[0] for l in result.stdout.splitlines()] == ["start", "run"]
+  assert result.stderr.count("big-buffer reuse off: no C compiler found") == 1
+
+
+def test_big_blocks_are_reused_aligned_and_small_ones_left_to_glibc():
+  out = _run_preloaded("""
+  a = c.malloc(100 * MiB)
+  assert c.malloc_usable_size(a) >= 100 * MiB and a % 64 == 0
+  ctypes.memset(a, 7, 100 * MiB)
+  c.free(a)
+  b = c.malloc(90 * MiB)                 # fits the cached block: same memory, no new mapping
+  assert b == a, (hex(a), hex(b))
+  big = c.malloc(400 * MiB)              # too big for it: a mapping of its own
+  assert big != b
+  c.free(b); c.free(big)
+  p = ctypes.c_void_p()
+  assert c.posix_memalign(ctypes.byref(p), 4096, 50 * MiB) == 0 and p.value % 4096 == 0
+  q = c.aligned_alloc(2 * MiB, 20 * MiB)
+  assert q % (2 * MiB) == 0
+  c.free(p.value); c.free(q)
+  small = c.malloc(1000)                 # glibc's: its usable size is glibc's rounding
+  assert 1000 <= c.malloc_usable_size(small) < 1100
+  c.free(small)
+  c.free(None)
+  print("ok")
+  """)
+  assert out.strip() == "ok"
+
+
+def test_realloc_keeps_the_bytes_in_and_out_of_big_blocks():
+  out = _run_preloaded("""
+  a = c.malloc(1000)
+  ctypes.memmove(a, b"resnet" * 100, 600)
+  a = c.realloc(a, 20 * MiB)             # glibc block -> glibc realloc (grows in glibc)
+  assert ctypes.string_at(a, 600) == b"resnet" * 100
+  b = c.malloc(16 * MiB)                 # ours
+  ctypes.memmove(b, b"jax" * 1000, 3000)
+  same = c.realloc(b, 12 * MiB)          # shrinks in place
+  assert same == b
+  grown = c.realloc(b, 64 * MiB)         # moves, keeps the bytes
+  assert ctypes.string_at(grown, 3000) == b"jax" * 1000
+  small = c.realloc(grown, 100)          # back under the threshold: glibc memory
+  assert ctypes.string_at(small, 99) == (b"jax" * 40)[:99]
+  c.free(small); c.free(a)
+  print("ok")
+  """)
+  assert out.strip() == "ok"
+
+
+def test_cache_stays_within_its_limit_and_fork_works():
+  out = _run_preloaded("""
+  blocks = [c.malloc(40 * MiB) for _ in range(3)]
+  for b in blocks:
+    c.free(b)
+  # a 100 MiB cache holds two 40 MiB blocks (each rounded up to 42 MiB): the oldest went
+  print([mapped(b) for b in blocks])
+  pid = os.fork()
+  if pid == 0:                           # the child allocates, frees and reuses too
+    x = c.malloc(40 * MiB); c.free(x); y = c.malloc(40 * MiB)
+    os._exit(0 if x == y else 3)
+  print(os.waitpid(pid, 0)[1])
+  """, RESNET_JAX_BUFFER_REUSE_MAX_MIB="100")
+  assert out.split("\n")[:2] == ["[False, True, True]", "0"]
+
+
+def test_a_jitted_computation_stops_faulting_its_buffers_in():
+  code = """
+  import ctypes, resource
+  ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)   # PR_SET_THP_DISABLE: count 4 KiB faults, always
+  import jax, jax.numpy as jnp
+  f = jax.jit(lambda x: jnp.broadcast_to(x, (64, 1024, 1024)) * 2.0)   # a 256 MiB result
+  x = jnp.ones((1024, 1024), jnp.float32)
+  for _ in range(3):
+    f(x).block_until_ready()
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(5):
+    y = f(x); y.block_until_ready(); del y
+  print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+  """
+  plain = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_clean_env(),
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+  reused = _run_preloaded(code)
+  # glibc maps the result afresh each call (65,536 pages); reused, only small blocks of
+  # glibc's own thread arenas still fault now and then
+  assert float(plain) >= 60000, plain
+  assert float(reused) < float(plain) / 30, (plain, reused)
