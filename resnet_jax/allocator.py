@@ -149,6 +149,9 @@ def wanted_env(env) -> dict:
   if env.get("RESNET_JAX_BUFFER_REUSE", "1") != "0" and not buffer_reuse_preloaded(env):
     try:
       library = str(buffer_reuse_library())
+      if any(c in library for c in " :"):    # LD_PRELOAD's own separators
+        raise BufferReuseUnavailable(f"its path {library!r} has a space or colon, which "
+                                     "LD_PRELOAD cannot take (set RESNET_JAX_KERNEL_CACHE)")
     except BufferReuseUnavailable as e:
       print(f"resnet_jax: big-buffer reuse off: {e}", file=sys.stderr, flush=True)
       env["RESNET_JAX_BUFFER_REUSE"] = "0"   # said once; children do not retry

@@ -110,6 +110,14 @@ def test_without_a_compiler_the_process_runs_on_and_says_why_once(tmp_path):
   assert result.stderr.count("big-buffer reuse off: no C compiler found") == 1
 
 
+def test_a_cache_path_ld_preload_cannot_take_is_refused_in_one_line(tmp_path):
+  env = _clean_env(RESNET_JAX_KERNEL_CACHE=str(tmp_path / "my cache"), RESNET_JAX_HUGEPAGES="0")
+  result = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
+                          text=True, check=True, timeout=120)
+  assert [l.split(" ")[-1] for l in result.stdout.splitlines()][-1] == "False"
+  assert result.stderr.count("has a space or colon") == 1
+
+
 def test_big_blocks_are_reused_aligned_and_small_ones_left_to_glibc():
   out = _run_preloaded("""
   a = c.malloc(100 * MiB)
@@ -178,17 +186,18 @@ def test_a_jitted_computation_stops_faulting_its_buffers_in():
   import jax, jax.numpy as jnp
   f = jax.jit(lambda x: jnp.broadcast_to(x, (64, 1024, 1024)) * 2.0)   # a 256 MiB result
   x = jnp.ones((1024, 1024), jnp.float32)
-  for _ in range(3):
+  for _ in range(6):
     f(x).block_until_ready()
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(5):
+  for _ in range(10):
     y = f(x); y.block_until_ready(); del y
-  print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+  print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
   """
-  plain = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_clean_env(),
-                         capture_output=True, text=True, check=True, timeout=300).stdout
-  reused = _run_preloaded(code)
-  # glibc maps the result afresh each call (65,536 pages); reused, only small blocks of
-  # glibc's own thread arenas still fault now and then
-  assert float(plain) >= 60000, plain
-  assert float(reused) < float(plain) / 30, (plain, reused)
+  plain = int(subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_clean_env(),
+                             capture_output=True, text=True, check=True, timeout=300).stdout)
+  reused = int(_run_preloaded(code))
+  # glibc maps each of the 10 results afresh (65,536 pages each). Reused, at most one new
+  # block is mapped: jax may free a result only after the next call has asked for its own,
+  # so the cache can need one more block than the warm-up left it.
+  assert plain >= 10 * 65536 * 0.95, plain
+  assert reused < 1.2 * 65536, (plain, reused)
