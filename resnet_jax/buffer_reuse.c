@@ -9,9 +9,11 @@
 // (experiments/performance.md). Here a freed block of at least THRESHOLD bytes stays
 // mapped in a small cache and serves the next request that fits it.
 //
-// Only malloc, posix_memalign, aligned_alloc, memalign, realloc, free and
+// Only malloc, posix_memalign, aligned_alloc, memalign, realloc, reallocarray, free and
 // malloc_usable_size are interposed; everything below THRESHOLD, calloc (glibc's fresh
-// mmap is already zero) and valloc/pvalloc go to glibc untouched. A block of ours carries a
+// mmap is already zero) and valloc/pvalloc go to glibc untouched. (glibc's getline and
+// getdelim grow a caller's buffer with glibc's own realloc: handing them a block of ours,
+// >= 8 MiB, would break. Nothing in our processes does.) A block of ours carries a
 // header just below the pointer: its mapping, and two words that mark it as ours. The word
 // directly below is glibc's chunk-size field for glibc's blocks; ours holds a value glibc
 // never writes there (IS_MMAPPED together with NON_MAIN_ARENA), and the word below that is a
@@ -227,6 +229,7 @@ int posix_memalign(void **out, size_t align, size_t size) {
 
 void *realloc(void *p, size_t size) {
   if (!ready) init();
+  if (!p) return malloc(size);
   header *h = ours(p);
   if (!h) {
     if (from_bootstrap(p)) {   // never freed, only moved out
@@ -243,6 +246,14 @@ void *realloc(void *p, size_t size) {
   memcpy(q, p, size < have ? size : have);
   free(p);
   return q;
+}
+
+void *reallocarray(void *p, size_t count, size_t size) {   // glibc's would not call ours
+  if (size && count > SIZE_MAX / size) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  return realloc(p, count * size);
 }
 
 size_t malloc_usable_size(void *p) {

@@ -158,6 +158,16 @@ def test_realloc_keeps_the_bytes_in_and_out_of_big_blocks():
   small = c.realloc(grown, 100)          # back under the threshold: glibc memory
   assert ctypes.string_at(small, 99) == (b"jax" * 40)[:99]
   c.free(small); c.free(a)
+  fresh = c.realloc(None, 30 * MiB)      # realloc(NULL) is malloc: ours, reused after free
+  c.free(fresh)
+  assert c.malloc(30 * MiB) == fresh
+  c.reallocarray.restype = ctypes.c_void_p
+  c.reallocarray.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+  ctypes.memmove(fresh, b"array" * 10, 50)
+  moved = c.reallocarray(fresh, 1024, 64 * 1024)   # 64 MiB: ours again, bytes kept
+  assert ctypes.string_at(moved, 50) == b"array" * 10
+  assert c.reallocarray(moved, 1 << 40, 1 << 40) is None   # overflow: NULL, block kept
+  c.free(moved)
   print("ok")
   """)
   assert out.strip() == "ok"
