@@ -24,7 +24,6 @@ once (same PID, same arguments) with whatever is missing. This module imports no
 outside the standard library, so the PyTorch peer script can use it too.
 """
 
-import fcntl
 import hashlib
 import os
 import platform
@@ -32,6 +31,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from resnet_jax import native_build
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -66,14 +67,6 @@ def with_tunable(env) -> dict:
   return env
 
 
-def cache_dir() -> Path:
-  """Where compiled helpers live: $RESNET_JAX_KERNEL_CACHE, else ~/.cache/resnet_jax/cpu_kernels."""
-  if os.environ.get("RESNET_JAX_KERNEL_CACHE"):
-    return Path(os.environ["RESNET_JAX_KERNEL_CACHE"])
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-  return Path(base) / "resnet_jax" / "cpu_kernels"
-
-
 class BufferReuseUnavailable(RuntimeError):
   """Why the buffer-reuse library cannot be built here (one line)."""
 
@@ -94,28 +87,10 @@ def buffer_reuse_library() -> Path:
   version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
   key = hashlib.sha256(_SOURCE.read_bytes() + "\0".join(
       [version, " ".join(_CFLAGS), platform.machine()]).encode()).hexdigest()[:16]
-  cache = cache_dir()
-  target = cache / f"{_LIBRARY_PREFIX}{key}.so"
-  if target.exists():
-    return target
-  try:
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)     # another process may be building the same file
-      if target.exists():
-        return target
-      partial = target.with_suffix(f".{os.getpid()}.tmp")
-      result = subprocess.run([cc, *_CFLAGS, str(_SOURCE), "-o", str(partial), "-ldl"],
-                              capture_output=True, text=True)
-      if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        lines = result.stderr.strip().splitlines()
-        tail = " | ".join([l for l in lines if "error" in l][:3] or lines[-3:])
-        raise BufferReuseUnavailable(f"compiling {_SOURCE.name} with {cc} failed: {tail}")
-      os.replace(partial, target)          # atomic: readers see a whole file or none
-  except OSError as e:
-    raise BufferReuseUnavailable(f"cannot write {cache}: {e}") from e
-  return target
+  target = native_build.cache_dir() / f"{_LIBRARY_PREFIX}{key}.so"
+  return native_build.compile_once(
+      target, lambda out: [cc, *_CFLAGS, str(_SOURCE), "-o", str(out), "-ldl"],
+      f"compiling {_SOURCE.name} with {cc}", BufferReuseUnavailable)
 
 
 def buffer_reuse_preloaded(env=None) -> bool:

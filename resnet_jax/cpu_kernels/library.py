@@ -11,7 +11,6 @@ Concurrent processes wait for each other on a lock file instead of compiling twi
 """
 
 import ctypes
-import fcntl
 import functools
 import hashlib
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from resnet_jax import allocator
+from resnet_jax import native_build
 
 _HERE = Path(__file__).resolve().parent
 SOURCES = ("onednn_conv.cc", "channel_sums.cc", "max_pool.cc")
@@ -102,27 +101,10 @@ def build() -> Path:
     raise KernelsUnavailable(f"built for x86-64 Linux only (this is {sys.platform} "
                              f"{platform.machine()}): oneDNN's wheels exist only there")
   cxx, onednn = _compiler(), _onednn_root()
-  cache = allocator.cache_dir()   # shared with the buffer-reuse library
-  target = cache / f"resnet_jax_cpu_kernels-{_build_key(cxx, onednn)}.so"
-  if target.exists():
-    return target
-  try:
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)     # another process may be building the same file
-      if target.exists():
-        return target
-      partial = target.with_suffix(f".{os.getpid()}.tmp")
-      result = subprocess.run(_command(cxx, onednn, partial), capture_output=True, text=True)
-      if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        lines = result.stderr.strip().splitlines()
-        tail = " | ".join([l for l in lines if "error" in l][:3] or lines[-3:])
-        raise KernelsUnavailable(f"compiling {', '.join(SOURCES)} with {cxx} failed: {tail}")
-      os.replace(partial, target)          # atomic: readers see a whole file or none
-  except OSError as e:
-    raise KernelsUnavailable(f"cannot write the kernel cache {cache}: {e}") from e
-  return target
+  target = native_build.cache_dir() / f"resnet_jax_cpu_kernels-{_build_key(cxx, onednn)}.so"
+  return native_build.compile_once(
+      target, lambda out: _command(cxx, onednn, out),
+      f"compiling {', '.join(SOURCES)} with {cxx}", KernelsUnavailable)
 
 
 @functools.cache
