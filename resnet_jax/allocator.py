@@ -13,8 +13,9 @@ starts (glibc reads tunables, and the dynamic loader LD_PRELOAD, only then):
 - Big-buffer reuse (`buffer_reuse.c`, LD_PRELOAD'ed): a freed block of >= 8 MiB stays
   mapped and serves the next request that fits, so a step faults nothing in. In an
   interleaved A/B a ResNet-18 step (batch 32) went from 2464 to 1937 ms, and its system
-  time, the kernel zeroing pages, from 321 to 6 ms per step. RESNET_JAX_BUFFER_REUSE=0 turns it off; RESNET_JAX_BUFFER_REUSE_MIN_MIB
-  (8) and RESNET_JAX_BUFFER_REUSE_MAX_MIB (a quarter of RAM: what may stay cached) tune it.
+  time, the kernel zeroing pages, from 321 to 6 ms per step. RESNET_JAX_BUFFER_REUSE=0
+  turns it off; RESNET_JAX_BUFFER_REUSE_MIN_MIB (8) and RESNET_JAX_BUFFER_REUSE_MAX_MIB (a
+  quarter of RAM: what may stay cached) tune it.
   It is compiled on first use with the machine's C compiler ($CC, cc or gcc) and cached
   beside the CPU kernels; where that fails, the process runs without it and says why once.
 
@@ -41,9 +42,13 @@ _LIBRARY_PREFIX = "resnet_jax_buffer_reuse-"
 _CFLAGS = ("-O2", "-shared", "-fPIC", "-Wall")
 
 
+def _linux_with_glibc() -> bool:
+  return sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+
 def supported() -> bool:
   """Linux with glibc, and a kernel whose transparent huge pages are not switched off."""
-  if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+  if not _linux_with_glibc():
     return False
   try:
     with open(_THP_SETTING) as f:
@@ -81,7 +86,7 @@ def _c_compiler() -> str:
 
 def buffer_reuse_library() -> Path:
   """The compiled buffer-reuse library, built now (under a lock) if the cache has none."""
-  if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+  if not _linux_with_glibc():
     raise BufferReuseUnavailable(f"needs Linux with glibc (this is {sys.platform})")
   cc = _c_compiler()
   version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
