@@ -34,9 +34,12 @@ def _probe(**env_changes):
   return [line.split(" ") for line in out.split("\n") if line]
 
 
-def _run_preloaded(code, **env_changes):
-  """Run `code` in a fresh interpreter with the reuse library preloaded; its stdout."""
-  env = _clean_env(LD_PRELOAD=str(allocator.buffer_reuse_library()), **env_changes)
+def _run(code, preload=True, **env_changes):
+  """Run `code` (after the ctypes prelude below) in a fresh interpreter, with the reuse
+  library preloaded or on plain glibc; its stdout."""
+  env = _clean_env(**env_changes)
+  if preload:
+    env["LD_PRELOAD"] = str(allocator.buffer_reuse_library())
   return subprocess.run([sys.executable, "-c", _LIBC + textwrap.dedent(code)], env=env,
                         capture_output=True, text=True, check=True, timeout=300).stdout
 
@@ -119,7 +122,7 @@ def test_a_cache_path_ld_preload_cannot_take_is_refused_in_one_line(tmp_path):
 
 
 def test_big_blocks_are_reused_aligned_and_small_ones_left_to_glibc():
-  out = _run_preloaded("""
+  out = _run("""
   a = c.malloc(100 * MiB)
   assert c.malloc_usable_size(a) >= 100 * MiB and a % 64 == 0
   ctypes.memset(a, 7, 100 * MiB)
@@ -144,7 +147,7 @@ def test_big_blocks_are_reused_aligned_and_small_ones_left_to_glibc():
 
 
 def test_realloc_keeps_the_bytes_in_and_out_of_big_blocks():
-  out = _run_preloaded("""
+  out = _run("""
   a = c.malloc(1000)
   ctypes.memmove(a, b"resnet" * 100, 600)
   a = c.realloc(a, 20 * MiB)             # glibc block -> glibc realloc (grows in glibc)
@@ -174,7 +177,7 @@ def test_realloc_keeps_the_bytes_in_and_out_of_big_blocks():
 
 
 def test_cache_stays_within_its_limit_and_fork_works():
-  out = _run_preloaded("""
+  out = _run("""
   blocks = [c.malloc(40 * MiB) for _ in range(3)]
   for b in blocks:
     c.free(b)
@@ -203,9 +206,8 @@ def test_a_jitted_computation_stops_faulting_its_buffers_in():
     y = f(x); y.block_until_ready(); del y
   print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
   """
-  plain = int(subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_clean_env(),
-                             capture_output=True, text=True, check=True, timeout=300).stdout)
-  reused = int(_run_preloaded(code))
+  plain = int(_run(code, preload=False))
+  reused = int(_run(code))
   # glibc maps each of the 10 results afresh (65,536 pages each). Reused, at most one new
   # block is mapped: jax may free a result only after the next call has asked for its own,
   # so the cache can need one more block than the warm-up left it.
@@ -241,8 +243,7 @@ def test_a_train_step_computes_the_same_bits_on_reused_memory():
     digests.append(h.hexdigest())
   print(impl, *digests)
   """
-  plain = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_clean_env(),
-                         capture_output=True, text=True, check=True, timeout=300).stdout.split()
-  reused = _run_preloaded(code).split()
+  plain = _run(code, preload=False).split()
+  reused = _run(code).split()
   assert len(set(plain[1:])) == 1, plain
   assert reused == plain
