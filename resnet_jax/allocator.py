@@ -146,11 +146,8 @@ def reexec_if_missing() -> None:
   `wanted_env` adds, when anything is missing. Never call it from library code (it replaces
   the running process)."""
   env = wanted_env(os.environ)
-  if env == dict(os.environ):
-    return
-  if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD") and \
-      env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):
-    os.environ.update(env)    # only the opt-out marker changed: no restart needed
+  if all(env.get(k) == os.environ.get(k) for k in ("LD_PRELOAD", "GLIBC_TUNABLES")):
+    os.environ.update(env)    # at most the opt-out marker changed: a restart would add nothing
     return
   sys.stdout.flush()
   sys.stderr.flush()
