@@ -7,7 +7,7 @@ images/s for both and the ratio ours/theirs.
 
 Our side runs in a child process, `OURS_PYTHON -m resnet_jax.benchmark ... --serve`, kept
 alive for the whole run: after compiling once it runs the steps it is asked for. Rounds
-alternate between PyTorch and ours (one child per --conv-impl), so both see the same load
+alternate between PyTorch and ours (one child per --lowering), so both see the same load
 on a shared machine; the table reports per-step medians over all rounds. Only one side
 computes at any moment. The interpreter running this script needs torch (and numpy), not
 jax; OURS_PYTHON needs jax (default: this interpreter).
@@ -30,7 +30,7 @@ Usage (from the repository root):
   python experiments/benchmark_torch_peer.py --device cuda --dtype bfloat16 \\
       --model resnet50 --image-size 224 --batch 256
 
-Options: --conv-impl auto,native (our lowerings to run, comma-separated; each is one row),
+Options: --lowering auto,native (our lowerings to run, comma-separated; each is one row),
 --rounds R --steps N (timed steps per side per round) --warmup W, --threads T (PyTorch
 intra-op threads; default: PyTorch's own default), --json FILE (everything measured),
 --torch-allocator ours|glibc (default ours: this process restarts itself once with our
@@ -262,15 +262,15 @@ class TorchStep:
 
 
 # ---------------------------------------------------------------------------------------
-# Our side: a `resnet_jax.benchmark --serve` child per conv lowering.
+# Our side: a `resnet_jax.benchmark --serve` child per lowering.
 
 class OursStep:
-  def __init__(self, args, conv_impl: str):
-    self.conv_impl = conv_impl
+  def __init__(self, args, lowering: str):
+    self.lowering = lowering
     cmd = [args.ours_python, "-m", "resnet_jax.benchmark", "--model", args.model,
            "--image-size", str(args.image_size), "--num-classes", str(args.num_classes),
            "--batch-per-device", str(args.batch), "--devices", "1", "--dtype", args.dtype,
-           "--conv-impl", conv_impl, "--warmup", str(args.warmup), "--serve"]
+           "--lowering", lowering, "--warmup", str(args.warmup), "--serve"]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if args.device == "cpu":
       env.setdefault("JAX_PLATFORMS", "cpu")
@@ -282,7 +282,7 @@ class OursStep:
   def _reply(self) -> dict:
     line = self.proc.stdout.readline()
     if not line:
-      raise SystemExit(f"benchmark_torch_peer: our benchmark (conv {self.conv_impl}) exited "
+      raise SystemExit(f"benchmark_torch_peer: our benchmark (lowering {self.lowering}) exited "
                        f"with {self.proc.wait()}; its errors are above")
     return json.loads(line)
 
@@ -304,8 +304,8 @@ def _parse(argv):
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--device", default="cpu", help="cpu | cuda")
-  p.add_argument("--conv-impl", default="auto,native",
-                 help="our conv lowerings to measure, comma-separated (auto|native|cpu)")
+  p.add_argument("--lowering", default="auto,native",
+                 help="our lowerings to measure, comma-separated (auto|native|onednn|cpu)")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
   p.add_argument("--warmup", type=int, default=2)
@@ -315,7 +315,7 @@ def _parse(argv):
   p.add_argument("--json", default="", help="write everything measured to this file")
   p.add_argument("--torch-allocator", default="ours", choices=("ours", "glibc"),
                  help="ours: PyTorch's process gets the same malloc setup as ours (huge "
-                 "pages, big-buffer reuse: resnet_jax/allocator.py); glibc: as launched")
+                 "pages, big-buffer reuse: resnet_jax/cpu_speed/allocator.py); glibc: as launched")
   args = p.parse_args(argv)
   cifar = args.model not in IMAGENET_LAYERS
   args.image_size = args.image_size or (32 if cifar else 224)
@@ -334,25 +334,26 @@ def _summary(name, times, batch, flops):
 def main(argv=None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
   sys.path.insert(0, REPO)
-  from resnet_jax import allocator    # standard library only: no jax needed here
-  if args.torch_allocator == "ours" and argv is None:
-    allocator.reexec_if_missing()     # both sides allocate alike; our child inherits it
+  from resnet_jax.cpu_speed import allocator   # standard library only: no jax needed here
+  if args.torch_allocator == "ours" and args.device == "cpu" and argv is None:
+    # Both sides allocate alike (our child inherits it); never on a GPU run.
+    allocator.reexec_if_missing()
   if args.threads:
     torch.set_num_threads(args.threads)
   theirs = TorchStep(args)
   theirs.run(args.warmup)
-  ours = [OursStep(args, impl) for impl in args.conv_impl.split(",")]
-  times = {"torch": []} | {o.conv_impl: [] for o in ours}
+  ours = [OursStep(args, impl) for impl in args.lowering.split(",")]
+  times = {"torch": []} | {o.lowering: [] for o in ours}
   try:
     for _ in range(args.rounds):
       times["torch"] += theirs.run(args.steps)
       for o in ours:
-        times[o.conv_impl] += o.run(args.steps)
+        times[o.lowering] += o.run(args.steps)
   finally:
     for o in ours:
       o.close()
   flops = next((o.flops for o in ours if o.flops), None)   # same model, same work
-  rows = [_summary(f"ours (conv {o.conv_impl})", times[o.conv_impl], args.batch, o.flops)
+  rows = [_summary(f"ours (lowering {o.lowering})", times[o.lowering], args.batch, o.flops)
           for o in ours]
   torch_row = _summary(f"torch {torch.__version__} ({'compile' if args.device != 'cpu' else 'eager'})",
                        times["torch"], args.batch, flops)
@@ -374,7 +375,7 @@ def main(argv=None) -> int:
       json.dump(dict(vars(args), torch=torch.__version__, torch_threads=torch.get_num_threads(),
                      torch_model=theirs.source, params=theirs.params,
                      torch_malloc=allocator.describe(),
-                     compile_s={o.conv_impl: o.compile_s for o in ours},
+                     compile_s={o.lowering: o.compile_s for o in ours},
                      rows=rows + [torch_row]), f, indent=2)
   return 0
 

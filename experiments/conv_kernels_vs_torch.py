@@ -3,7 +3,7 @@
 The "onednn" CPU lowering calls oneDNN 3.2 (the onednn-cpu-gomp wheel) through XLA's FFI;
 PyTorch 2.13 links its own oneDNN 3.12. This times, for the convolution shapes of
 ResNet-18/50 (batch 32, 224px) and CIFAR ResNet-20 (batch 128), the forward, dx and dw of
-ours (each a jitted call of resnet_jax.cpu_kernels) and PyTorch's (F.conv2d and
+ours (each a jitted call of resnet_jax.cpu_speed.kernels) and PyTorch's (F.conv2d and
 aten.convolution_backward on channels_last tensors) alternately, over several distinct
 inputs so that neither side runs from a warm cache a train step would not have. It prints
 per-shape medians (ms) and the time ratio ours/PyTorch of forward + backward (below 1:
@@ -48,10 +48,10 @@ def main(argv=None) -> int:
   import jax
   import jax.numpy as jnp
   import torch
-  from resnet_jax.cpu_kernels import ops
+  from resnet_jax.cpu_speed.kernels import ops
   torch.set_num_threads(os.cpu_count())
 
-  print(f"jax {jax.__version__} (oneDNN 3.2 via resnet_jax.cpu_kernels) vs torch "
+  print(f"jax {jax.__version__} (oneDNN 3.2 via resnet_jax.cpu_speed.kernels) vs torch "
         f"{torch.__version__}, {os.cpu_count()} threads; ms, median of "
         f"{args.repeats * args.inputs}")
   print(f"{'shape':<26} {'ours fwd':>8} {'dx':>7} {'dw':>7} {'torch fwd':>9} {'dx+dw':>7} "

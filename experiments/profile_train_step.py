@@ -5,11 +5,11 @@ runs it under `jax.profiler.trace`, and sums the XLA op events of the trace: per
 ("ynn_fusion" = YNNPACK's matmuls and reductions, "transpose_copy_fusion", the BN/ReLU loop
 fusions, the CPU kernels' FFI calls by target, ...)
 and for the slowest instances, with the HLO of each written beside the trace. This is how
-the CPU lowering in resnet_jax/models/conv.py was found (experiments/performance.md).
+the CPU lowerings in resnet_jax/cpu_speed/ were found (experiments/performance.md).
 
   python experiments/profile_train_step.py --model resnet50 --image-size 224 \\
-      --num-classes 1000 --batch 32 --conv-impl cpu
-  python experiments/profile_train_step.py --model resnet20 --batch 128 --conv-impl native
+      --num-classes 1000 --batch 32 --lowering cpu
+  python experiments/profile_train_step.py --model resnet20 --batch 128 --lowering native
 
 Times are summed over the events of the traced steps and divided by their number; ops that
 run concurrently on different threads both count, so the kinds can add up to more than the
@@ -36,28 +36,27 @@ def main(argv=None) -> int:
   p.add_argument("--image-size", type=int, default=32)
   p.add_argument("--num-classes", type=int, default=10)
   p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--conv-impl", default="auto", choices=("auto", "native", "cpu", "onednn"))
+  p.add_argument("--lowering", default="auto", choices=("auto", "native", "cpu", "onednn"))
   p.add_argument("--steps", type=int, default=2, help="traced steps")
   p.add_argument("--top", type=int, default=25, help="slowest op instances to list")
   p.add_argument("--out", default="/tmp/resnet_jax_profile", help="trace and HLO go here")
   args = p.parse_args(argv)
 
   import jax
-  from resnet_jax import benchmark
-  from resnet_jax.models import conv
+  from resnet_jax import benchmark, lowering
   from resnet_jax.training import mesh as mesh_lib
 
   bench_args = benchmark._parse([
       "--model", args.model, "--image-size", str(args.image_size), "--num-classes",
       str(args.num_classes), "--batch-per-device", str(args.batch), "--devices", "1"])
-  conv.set_impl(args.conv_impl)
+  chosen = lowering.choose(args.lowering)
   work = benchmark._Workload(bench_args)
   mesh = mesh_lib.create_mesh(devices=jax.devices()[:1])
   batches = work.batches(mesh, args.batch)
-  state, compiled, compile_s, _ = benchmark._compile_step(work, mesh, next(batches))
+  state, compiled, compile_s, _ = benchmark._compile_step(work, mesh, chosen, next(batches))
   state, times = benchmark._timed_steps(compiled, state, batches, 3, pipelined=False)
-  print(f"{args.model} {args.image_size}px batch {args.batch}, conv {args.conv_impl} "
-        f"(-> {conv.resolve_impl()}): compile {compile_s:.1f}s, untraced steps "
+  print(f"{args.model} {args.image_size}px batch {args.batch}, lowering {args.lowering} "
+        f"(-> {chosen.name}): compile {compile_s:.1f}s, untraced steps "
         f"{', '.join(f'{t * 1e3:.0f}' for t in times)} ms")
 
   shutil.rmtree(args.out, ignore_errors=True)
@@ -90,6 +89,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from resnet_jax import allocator
-  allocator.reexec_if_missing()   # profile what the entry points run (resnet_jax/allocator.py)
+  from resnet_jax import lowering
+  lowering.prepare_process()   # profile what the entry points run (resnet_jax/lowering.py)
   sys.exit(main())

@@ -1,8 +1,8 @@
 import sys
 
-from resnet_jax import allocator
+from resnet_jax import lowering
 
-allocator.reexec_if_missing()   # before JAX allocates anything; see allocator.py
+lowering.prepare_process()   # before JAX starts; CPU-backend processes only (lowering.py)
 
 from resnet_jax.main import main  # noqa: E402
 

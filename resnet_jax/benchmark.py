@@ -3,9 +3,9 @@
 Weak scaling over device counts: the per-device batch is fixed, the global batch grows
 with the devices, and each count gets its own mesh over the first N devices. For each
 count it reports compile time, step time (median of --steps after --warmup), images/s,
-the FLOPs of one step (XLA's cost analysis of the compiled step; with the "onednn" CPU
-lowering, whose convolutions XLA cannot see into, of the same step lowered with native
-convolutions), achieved FLOP/s, MFU and peak memory.
+the FLOPs of one step (XLA's cost analysis of the compiled step; with a CPU lowering, whose
+kernels XLA cannot see into, of the same step lowered with the model's default layers),
+achieved FLOP/s, MFU and peak memory.
 
 Modes:
   --mode synthetic   (default) random uint8 batches already on device: the compiled step
@@ -31,7 +31,7 @@ only. On GPUs/TPUs they are the real scaling.
 
   python -m resnet_jax.benchmark --model resnet20 --image-size 32 --batch-per-device 32
   python -m resnet_jax.benchmark --model resnet50 --image-size 224 --num-classes 1000 \\
-      --batch-per-device 32 --devices 1 --conv-impl native --json out.json
+      --batch-per-device 32 --devices 1 --lowering native --json out.json
   python -m resnet_jax.benchmark --mode end_to_end --config configs/digits_resnet20.py \\
       --batch-per-device 64 --devices 1
   # on one GPU:
@@ -77,9 +77,9 @@ def _parse(argv):
   p.add_argument("--batch-per-device", type=int, default=32)
   p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),
                  help="compute dtype (default: the config's model.dtype, else float32)")
-  p.add_argument("--conv-impl", default="auto", choices=("auto", "native", "cpu", "onednn"),
-                 help="conv/BN/pool lowering (resnet_jax.models.conv); auto: onednn on CPU "
-                      "where its kernels build, else cpu")
+  p.add_argument("--lowering", default="", choices=("", "auto", "native", "onednn", "cpu"),
+                 help="how layers run (resnet_jax/lowering.py; default: the config's, else "
+                      "auto: onednn on CPU where its kernels build, native on GPU/TPU)")
   p.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
   p.add_argument("--steps", type=int, default=10, help="timed steps per device count")
   p.add_argument("--warmup", type=int, default=2)
@@ -122,21 +122,26 @@ def _set_device_count_flag(counts):
 
 
 class _Workload:
-  """What one benchmark runs: model, optimizer, and where batches come from."""
+  """What one benchmark runs: the config, the shape of its batches, where they come from."""
 
   def __init__(self, args):
     from resnet_jax import models
     from resnet_jax.config_schema import base_config
-    from resnet_jax.training import optimizer, recipe
+    from resnet_jax.training import setup
 
     self.args = args
     self.config = self._load_config(args) if args.config else base_config()
+    if args.lowering:
+      self.config.lowering = args.lowering
     if args.mode == "end_to_end":
-      self._init_dataset()
+      self.data = setup.prepare_data(self.config)
+      self.inputs = self.data.inputs
     else:
-      self.shape = (args.image_size, args.image_size, args.channels)
-      self.num_classes = args.num_classes
-      self.mean, self.std = (127.5,), (64.0,)
+      # The schedule's shape does not change the work a step does.
+      self.inputs = setup.Inputs(image_shape=(args.image_size, args.image_size, args.channels),
+                                 num_classes=args.num_classes, mean=(127.5,), std=(64.0,),
+                                 steps_per_epoch=100)
+    self.shape, self.num_classes = self.inputs.image_shape, self.inputs.num_classes
     self.model_name = args.model or (self.config.model.name if args.config else "resnet20")
     if self.model_name not in models.MODEL_SPECS:
       raise UsageError(f"unknown model {self.model_name!r}; known: "
@@ -148,30 +153,16 @@ class _Workload:
       raise UsageError(f"--batch-per-device {args.batch_per_device}: expected a multiple "
                        f"of the config's optimizer.grad_accum_steps={accum}")
     args.dtype = args.dtype or self.config.model.dtype
-    self.model = recipe.create_model(self.config.model, self.num_classes, self.model_name,
-                                     args.dtype)
-    # The schedule's shape does not change the work a step does.
-    self.schedule = optimizer.create_schedule(self.config.optimizer, self.config.schedule,
-                                              steps_per_epoch=100, total_steps=10_000)
-    self.tx = optimizer.create_optimizer(self.config.optimizer, self.schedule)
 
   @staticmethod
   def _load_config(args):
-    from resnet_jax.config_cli import apply_overrides, load_config_file
-    from resnet_jax.config_schema import check_keys_and_types
-    config = load_config_file(args.config)
-    apply_overrides(config, args.config_overrides)
-    check_keys_and_types(config)
-    return config
+    from resnet_jax.config_cli import resolve
+    return resolve(args.config, args.config_overrides)[0]
 
-  def _init_dataset(self):
-    from resnet_jax.data import datasets, input_pipeline
-    data_cfg = self.config.data
-    self.builder = datasets.prepare_builder(data_cfg)
-    self.mean, self.std = datasets.normalization(data_cfg)
-    self.num_classes = self.builder.info.features["label"].num_classes
-    self.shape = tuple(self.builder.info.features["image"].shape)
-    self.split = input_pipeline.train_split_info(self.builder, data_cfg)
+  def setup(self, mesh, lowering):
+    from resnet_jax.training import setup
+    return setup.build(self.config, self.inputs, mesh=mesh, lowering=lowering,
+                       model_name=self.model_name, dtype=self.args.dtype)
 
   def batches(self, mesh, global_batch: int):
     """An endless iterator of global batches (jax.Arrays sharded over `mesh`)."""
@@ -187,39 +178,33 @@ class _Workload:
         yield data
     from resnet_jax.data import input_pipeline
     local = input_pipeline.train_batches(
-        self.builder, self.config.data, seed=self.config.seed, global_batch=global_batch,
-        start_step=0, split_info=self.split, process_index=jax.process_index(),
+        self.data.builder, self.config.data, seed=self.config.seed, global_batch=global_batch,
+        start_step=0, split_info=self.data.train_split, process_index=jax.process_index(),
         process_count=jax.process_count())
     for batch in local:
       yield mesh_lib.global_batch(batch, mesh)
 
 
-def _compile_step(work, mesh, first_batch):
+def _compile_step(work, mesh, lowering, first_batch):
   """(initial state, compiled step, compile seconds, FLOPs per step and device or None)."""
   import jax
-  from resnet_jax.models import conv as conv_lib
-  from resnet_jax.training import mesh as mesh_lib, recipe, state as state_lib
-  config = work.config
-  init_fn = state_lib.make_init_fn(work.model, work.tx, (1,) + work.shape, seed=0,
-                                   ema=config.optimizer.ema_decay > 0)
-  state_sharding = mesh_lib.state_shardings(jax.eval_shape(init_fn), mesh)
-  state = jax.jit(init_fn, out_shardings=state_sharding)()
-  step_fn = recipe.make_train_step(config, work.model, work.tx, work.schedule,
-                                    work.num_classes, work.mean, work.std)
-  shardings = dict(in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, mesh_lib.replicated(mesh)))
-  train_step = jax.jit(step_fn, **shardings, donate_argnums=(0,),
-                       compiler_options=conv_lib.compiler_options())
+  from resnet_jax import models
+  from resnet_jax.training import mesh as mesh_lib
+  run = work.setup(mesh, lowering)
+  state = run.init_state()
   t0 = time.perf_counter()
-  compiled = train_step.lower(state, first_batch).compile()
+  compiled = run.train_step.lower(state, first_batch).compile()
   compile_s = time.perf_counter() - t0
   flops = step_flops(compiled)
-  if conv_lib.resolve_impl() == "onednn":
-    # XLA counts no FLOPs in FFI calls: count the same step's with native convolutions,
-    # lowered (not compiled: the global module, before partitioning). A new function, as
-    # jax would reuse the trace of `step_fn` it already has.
-    with conv_lib.use_impl("native"):
-      total = step_flops(jax.jit(lambda *a: step_fn(*a), **shardings).lower(state, first_batch))
+  if run.lowering.layers:
+    # XLA counts no FLOPs in FFI calls or custom VJPs it cannot see through: count the same
+    # step's with the model's default layers, lowered (not compiled: the global module,
+    # before partitioning).
+    native = run.model.clone(**models.DEFAULT_LAYERS)
+    shardings = dict(in_shardings=(run.state_sharding, mesh_lib.batch_sharding(mesh)),
+                     out_shardings=(run.state_sharding, mesh_lib.replicated(mesh)))
+    total = step_flops(jax.jit(run.unjitted_train_step(native), **shardings).lower(
+        state, first_batch))
     flops = total / mesh.size if total else None
   return state, compiled, compile_s, flops
 
@@ -346,29 +331,25 @@ class UsageError(Exception):
 def run(args, out, reply) -> dict:
   """The benchmark; the table goes to `out`, --serve answers to `reply`."""
   import jax
-  from resnet_jax import allocator, cpu_kernels
-  from resnet_jax.models import conv as conv_lib
+  from resnet_jax import lowering as lowering_lib
   from resnet_jax.training import mesh as mesh_lib
 
   counts = [int(c) for c in args.devices.split(",")]
   available = jax.devices()
   if max(counts) > len(available):
     raise UsageError(f"--devices asks for {max(counts)}, {len(available)} available")
-  conv_lib.set_impl(args.conv_impl)
-  try:
-    conv_lib.resolve_impl()
-  except (ValueError, cpu_kernels.KernelsUnavailable) as e:   # e.g. onednn without g++
-    raise UsageError(str(e)) from e
   work = _Workload(args)
+  lowering = lowering_lib.choose(work.config.lowering)   # e.g. onednn without g++: one line
   device = available[0]
   peak, peak_source = device_peak(args, device)
   # A measured CPU peak is the whole host's, which the fake devices share.
   host_peak = device.platform == "cpu" and not args.peak_tflops
   h, w, c = work.shape
+  process = lowering_lib.describe_process()
   print(f"{work.model_name} {h}x{w}x{c} {args.dtype}, {args.batch_per_device}/device, "
-        f"{args.mode}, conv {args.conv_impl} (-> {conv_lib.resolve_impl()}), backend "
-        f"{jax.default_backend()} ({device.device_kind}), jax {jax.__version__}, "
-        f"{allocator.describe()}", file=out)
+        f"{args.mode}, lowering {work.config.lowering} (-> {lowering.name}), backend "
+        f"{jax.default_backend()} ({device.device_kind}), jax {jax.__version__}"
+        + (f", {process}" if process else ""), file=out)
   print(f"{'devices':>7} {'global batch':>12} {'compile s':>9} {'step ms':>9} "
         f"{'images/s':>10} {'efficiency':>10} {'TFLOP/s':>8} {'MFU':>7}", file=out)
   rows, base = [], None
@@ -377,7 +358,7 @@ def run(args, out, reply) -> dict:
     mesh = mesh_lib.create_mesh(devices=available[:n])
     batch = n * args.batch_per_device
     batches = work.batches(mesh, batch)
-    state, compiled, compile_s, flops = _compile_step(work, mesh, next(batches))
+    state, compiled, compile_s, flops = _compile_step(work, mesh, lowering, next(batches))
     state, _ = _timed_steps(compiled, state, batches, args.warmup, pipelined)
     if args.serve:
       print(json.dumps({"ready": True, "compile_s": compile_s, "flops_per_step": flops}),
@@ -405,9 +386,8 @@ def run(args, out, reply) -> dict:
   return dict(
       {k: v for k, v in vars(args).items() if k not in _NOT_REPORTED},
       model=work.model_name, image_shape=list(work.shape), num_classes=work.num_classes,
-      conv_impl_resolved=conv_lib.resolve_impl(), backend=jax.default_backend(),
-      malloc_hugepages=allocator.enabled(),
-      buffer_reuse=allocator.buffer_reuse_active(),
+      lowering=work.config.lowering, lowering_resolved=lowering.name,
+      backend=jax.default_backend(), process_setup=process,
       device_kind=device.device_kind, jax=jax.__version__,
       peak_flops=peak, peak_flops_source=peak_source,
       peak_flops_is_whole_host=host_peak, peak_memory_bytes=memory,
@@ -422,7 +402,7 @@ def main(argv=None) -> int:
   if args.serve and len(args.devices.split(",")) != 1:
     print("benchmark: error: --serve takes one device count", file=sys.stderr)
     return 2
-  from resnet_jax.config_schema import ConfigError   # no jax: XLA_FLAGS is set above
+  from resnet_jax.errors import ConfigError   # no jax: XLA_FLAGS is set above
   # With JSON on stdout (or serving), the human-readable table goes to stderr.
   reply = sys.stdout
   try:
@@ -446,6 +426,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from resnet_jax import allocator
-  allocator.reexec_if_missing()   # see allocator.py
+  from resnet_jax import lowering
+  lowering.prepare_process()   # CPU-backend processes only; see resnet_jax/lowering.py
   sys.exit(main())

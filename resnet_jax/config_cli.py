@@ -6,7 +6,8 @@ import os
 
 import ml_collections
 
-from resnet_jax.config_schema import ConfigError, base_config, suggest, _flatten
+from resnet_jax.config_schema import _flatten, base_config, check_keys_and_types, suggest
+from resnet_jax.errors import ConfigError
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -81,6 +82,18 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
         node[part] = ml_collections.ConfigDict()
       node = node[part]
     node[leaf] = _parse_value(key, text, schema[key])
+
+
+def resolve(path: str, overrides: dict[str, str]) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """The config a run uses: the file, its overrides, checked against the schema's keys and
+  types, and settled where it depends on files (the model.pretrained file's preprocessing).
+  Returns (config, lines to log saying what was settled). Values that depend on the devices
+  are checked later (config_schema.check_values)."""
+  from resnet_jax.training import pretrained
+  config = load_config_file(path)
+  apply_overrides(config, overrides)
+  check_keys_and_types(config)
+  return config, pretrained.settle_preprocessing(config)
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict[str, str], dict[str, str]]:

@@ -9,14 +9,15 @@ import difflib
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A config problem; its message is the single line shown to the user."""
+from resnet_jax.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.lowering = "auto"                 # how layers run: auto | native | onednn | cpu (the last
+                                      #   two: CPU backend, resnet_jax/cpu_speed); same numbers,
+                                      #   different speed (resnet_jax/lowering.py)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet20"
@@ -35,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
                                       #   own checkpoint continues from that instead.
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "sklearn_digits"   # a key of resnet_jax.data.datasets.DATASETS
+  c.data.dataset = "sklearn_digits"   # a key of resnet_jax.data.catalog.DATASETS
   c.data.data_dir = ""                # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.manual_dir = ""              # files TFDS prepares from instead of downloading
   c.data.image_folder = ""            # dataset "image_folder": <root>/<split>/<class>/img
@@ -106,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
+    "lowering": ("auto", "native", "onednn", "cpu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "schedule.name": ("cosine", "step", "constant"),
     "nan_policy": ("stop", "skip"),
@@ -177,7 +179,7 @@ def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
 def check_values(config, *, num_devices: int, num_processes: int) -> None:
   """Values that cannot work: raise ConfigError naming the key and what was expected."""
   from resnet_jax import models
-  from resnet_jax.data import datasets
+  from resnet_jax.data import catalog
 
   def need(ok, key, expected):
     if not ok:
@@ -188,8 +190,8 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
   need(config.model.name in models.MODEL_SPECS, "model.name",
        f"a model name{suggest(config.model.name, models.MODEL_SPECS)}; "
        "see resnet_jax.models.list_models()")
-  need(config.data.dataset in datasets.DATASETS, "data.dataset",
-       f"one of {', '.join(sorted(datasets.DATASETS))}")
+  need(config.data.dataset in catalog.DATASETS, "data.dataset",
+       f"one of {', '.join(sorted(catalog.DATASETS))}")
 
   need(config.mesh.fsdp >= 1 and num_devices % config.mesh.fsdp == 0, "mesh.fsdp",
        f"a divisor of the device count ({num_devices})")
@@ -256,10 +258,10 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
 
 def _check_preprocess(config, need) -> None:
   """data.preprocess and the keys that only make sense with one of its values."""
-  from resnet_jax.data import datasets
+  from resnet_jax.data import catalog
   data = config.data
   imagenet = data.preprocess == "imagenet"
-  spec = datasets.DATASETS[data.dataset]
+  spec = catalog.DATASETS[data.dataset]
   need(imagenet or not spec.variable_size, "data.preprocess",
        f"'imagenet' for dataset '{data.dataset}' (its images vary in size, so batches need "
        "the crop to data.image_size)")

@@ -10,8 +10,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from resnet_jax.config_cli import apply_overrides, load_config_file, parse_args  # noqa: E402
-from resnet_jax.config_schema import ConfigError, check_keys_and_types, check_values  # noqa: E402
+from resnet_jax.config_cli import parse_args, resolve  # noqa: E402
+from resnet_jax.config_schema import check_values  # noqa: E402
+from resnet_jax.errors import ConfigError, NonFiniteError, Preempted  # noqa: E402
 
 
 def default_workdir(config_path: str) -> str:
@@ -34,34 +35,27 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
     config_path, overrides, flags = parse_args(argv)
-    config = load_config_file(config_path)
-    apply_overrides(config, overrides)
-    check_keys_and_types(config)
+    config, settled = resolve(config_path, overrides)
     import jax  # after the cheap checks, so a typo fails fast
-    from resnet_jax import cpu_kernels, distributed
-    from resnet_jax.models import conv
+    from resnet_jax import distributed, lowering
     distributed.initialize_from_env()
-    try:
-      conv.resolve_impl()   # RESNET_JAX_CONV_IMPL: a known lowering that runs here
-    except (ValueError, cpu_kernels.KernelsUnavailable) as e:
-      raise ConfigError(f"RESNET_JAX_CONV_IMPL={conv.get_impl()}: {e}") from e
     check_values(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+    lowering.choose(config.lowering)   # a lowering that runs here, before anything is written
     workdir = flags.get("workdir") or default_workdir(config_path)
     check_workdir(workdir)
     from resnet_jax.training import trainer
-    from resnet_jax.training.preemption import Preempted
+    from resnet_jax.training.metrics_log import log_main
+    for line in settled:
+      log_main(line)
     try:
       result = trainer.train_and_evaluate(config, workdir)
     except Preempted as e:
       print(f"resnet_jax: {e}: checkpoint saved in {workdir}; run the same command to "
             f"resume (exit {e.exit_code})", file=sys.stderr)
       return e.exit_code
-    except trainer.NonFiniteError as e:
-      print(f"resnet_jax: error: {e}", file=sys.stderr)
-      return 3
-  except ConfigError as e:
+  except (ConfigError, NonFiniteError) as e:
     print(f"resnet_jax: error: {e}", file=sys.stderr)
-    return 2
+    return e.exit_code
   if result.get("stopped"):
     return 0
   if jax.process_index() == 0:
@@ -75,6 +69,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from resnet_jax import allocator
-  allocator.reexec_if_missing()   # see allocator.py
+  from resnet_jax import lowering
+  lowering.prepare_process()   # CPU-backend processes only; see resnet_jax/lowering.py
   sys.exit(main())

@@ -29,14 +29,12 @@ def predict(weights_path: str, images: list[bytes], top: int = 5):
   """[(class indices, probabilities)] per image, best first."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
-  from resnet_jax import models  # noqa: PLC0415
-  from resnet_jax.models import conv as conv_lib  # noqa: PLC0415
   from resnet_jax.convert import weights_file  # noqa: PLC0415
+  from resnet_jax.training import setup  # noqa: PLC0415
   variables, info = weights_file.load(weights_path)
-  model = models.create(info["model"], num_classes=info["num_classes"])
+  _, forward = setup.predictor(info["model"], info["num_classes"])
   batch = np.stack([preprocess(img, info["preprocessing"]) for img in images])
-  logits = jax.jit(lambda v, x: model.apply(v, x, train=False),
-                   compiler_options=conv_lib.compiler_options())(variables, batch)
+  logits = forward(variables, batch)
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   order = np.argsort(-probs, axis=-1)[:, :top]
   return [(list(map(int, o)), [float(p[i]) for i in o]) for o, p in zip(order, probs)]

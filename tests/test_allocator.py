@@ -1,8 +1,11 @@
-"""resnet_jax.allocator: the command-line entry points restart themselves once with glibc's
-huge-page tunable and the big-buffer reuse library preloaded, keep the user's own settings,
-and leave the allocator alone when told to. buffer_reuse.c itself: big blocks come back
-at the same address with their alignment, realloc keeps their bytes, the cache stays within
-its limit, fork works, and a jitted step stops faulting its buffers in."""
+"""resnet_jax/cpu_speed/allocator.py: a CPU-backend process started through an entry point
+(lowering.prepare_process) restarts itself once with glibc's huge-page tunable and the
+big-buffer reuse library preloaded, keeps the user's own settings, never overrides the
+user's own LD_PRELOAD silently, leaves the allocator alone when told to, and never touches
+a process that will run on a GPU or TPU (JAX_PLATFORMS, installed plugins). buffer_reuse.c
+itself: big blocks come back at the same address with their alignment, realloc keeps their
+bytes, the cache stays within its limit, fork works, and a jitted step stops faulting its
+buffers in."""
 
 import os
 import subprocess
@@ -11,15 +14,19 @@ import textwrap
 
 import pytest
 
-from resnet_jax import allocator
+from resnet_jax.cpu_speed import allocator
 
 _OURS = ("GLIBC_TUNABLES", "LD_PRELOAD", "RESNET_JAX_HUGEPAGES", "RESNET_JAX_BUFFER_REUSE",
-         "RESNET_JAX_BUFFER_REUSE_MIN_MIB", "RESNET_JAX_BUFFER_REUSE_MAX_MIB")
+         "RESNET_JAX_BUFFER_REUSE_MIN_MIB", "RESNET_JAX_BUFFER_REUSE_MAX_MIB",
+         "RESNET_JAX_BUFFER_REUSE_NOTE", "JAX_PLATFORMS")
 
-_PROBE = ("import os, sys; from resnet_jax import allocator; "
-          "print('start', os.getpid(), flush=True); allocator.reexec_if_missing(); "
+# What an entry point does first, then what the process runs with (one line each).
+_PROBE = ("import os, sys; from resnet_jax import lowering; "
+          "from resnet_jax.cpu_speed import allocator; "
+          "print('start', os.getpid(), flush=True); lowering.prepare_process(); "
           "print('run', os.getpid(), os.environ.get('GLIBC_TUNABLES'), "
-          "allocator.buffer_reuse_active())")
+          "allocator.buffer_reuse_active(), os.environ.get('LD_PRELOAD'), flush=True); "
+          "print('describe', allocator.describe())")
 
 
 def _clean_env(**changes):
@@ -29,9 +36,12 @@ def _clean_env(**changes):
 
 
 def _probe(**env_changes):
+  """[(tag, pid, ...)] of the probe's lines but the last, and describe()'s phrase."""
   out = subprocess.run([sys.executable, "-c", _PROBE], env=_clean_env(**env_changes),
                        capture_output=True, text=True, check=True, timeout=120).stdout
-  return [line.split(" ") for line in out.split("\n") if line]
+  lines = [line for line in out.split("\n") if line]
+  assert lines[-1].startswith("describe "), lines
+  return [line.split(" ") for line in lines[:-1]], lines[-1][len("describe "):]
 
 
 def _run(code, preload=True, **env_changes):
@@ -74,23 +84,31 @@ def test_tunable_is_added_to_existing_ones_once():
   assert not allocator.enabled({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=10"})
 
 
-def test_preload_goes_first_and_keeps_the_users_libraries():
-  env = allocator.wanted_env({"LD_PRELOAD": "/opt/lib/libfoo.so",
-                              "RESNET_JAX_HUGEPAGES": "0"})
-  first, rest = env["LD_PRELOAD"].split(":")
-  assert allocator.buffer_reuse_preloaded({"LD_PRELOAD": first}) and rest == "/opt/lib/libfoo.so"
-  assert "GLIBC_TUNABLES" not in env
-  assert allocator.wanted_env(env) == env          # already there: nothing more to add
+CPU = {"JAX_PLATFORMS": "cpu"}
+
+
+def test_a_users_own_preload_is_kept_alone_unless_asked_and_then_said():
+  theirs = {"LD_PRELOAD": "/opt/lib/libtcmalloc.so", "RESNET_JAX_HUGEPAGES": "0", **CPU}
+  env = allocator.wanted_env(theirs)
+  assert env["LD_PRELOAD"] == "/opt/lib/libtcmalloc.so" and "GLIBC_TUNABLES" not in env
+  assert env["RESNET_JAX_BUFFER_REUSE"] == "0"
+  assert "LD_PRELOAD already holds /opt/lib/libtcmalloc.so; RESNET_JAX_BUFFER_REUSE=1 puts " \
+         "ours ahead of it" == env["RESNET_JAX_BUFFER_REUSE_NOTE"]
+  asked = allocator.wanted_env(dict(theirs, RESNET_JAX_BUFFER_REUSE="1"))
+  first, rest = asked["LD_PRELOAD"].split(":")
+  assert allocator.buffer_reuse_preloaded({"LD_PRELOAD": first}) and rest == theirs["LD_PRELOAD"]
+  assert allocator.wanted_env(asked) == asked      # already there: nothing more to add
 
 
 @pytest.mark.skipif(not allocator.supported(), reason="no glibc or transparent huge pages")
 def test_entry_point_restarts_itself_once_with_tunable_and_library():
-  lines = _probe(GLIBC_TUNABLES="glibc.malloc.arena_max=4")
+  lines, said = _probe(GLIBC_TUNABLES="glibc.malloc.arena_max=4", **CPU)
   # printed before the exec, again after it (same PID), then the run itself: exactly once
   starts = [pid for tag, pid, *_ in lines if tag == "start"]
-  runs = [(pid, *rest) for tag, pid, *rest in lines if tag == "run"]
+  runs = [(pid, *rest[:2]) for tag, pid, *rest in lines if tag == "run"]
   assert len(starts) == 2 and len(set(starts)) == 1
   assert runs == [(starts[0], "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1", "True")]
+  assert said == "malloc huge pages on, big-buffer reuse on"
 
 
 def test_opt_outs_and_already_set_run_without_restart():
@@ -99,26 +117,64 @@ def test_opt_outs_and_already_set_run_without_restart():
       ({"RESNET_JAX_HUGEPAGES": "0", "RESNET_JAX_BUFFER_REUSE": "0"}, "None", "False"),
       ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "LD_PRELOAD": library},
        "glibc.malloc.hugetlb=1", "True")):
-    lines = _probe(**env)
+    lines, _ = _probe(**env, **CPU)
     assert [tag for tag, *_ in lines] == ["start", "run"]
-    assert lines[1][2:] == [tunables, active]
+    assert lines[1][2:4] == [tunables, active]
 
 
-def test_without_a_compiler_the_process_runs_on_and_says_why_once(tmp_path):
+def _fake_plugins(root, how: str) -> str:
+  """A folder for PYTHONPATH that makes an accelerator plugin look installed, the way JAX
+  finds them: a module of the `jax_plugins` namespace package, or a distribution with a
+  `jax_plugins` entry point."""
+  if how == "namespace":
+    (root / "jax_plugins" / "fake_cuda").mkdir(parents=True)
+    (root / "jax_plugins" / "fake_cuda" / "__init__.py").write_text("")
+  else:
+    dist = root / "fake_gpu_plugin-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-gpu-plugin\n"
+                                   "Version: 1.0\n")
+    (dist / "entry_points.txt").write_text("[jax_plugins]\nfake_gpu = fake_gpu_module\n")
+  return str(root)
+
+
+@pytest.mark.parametrize("how", ["namespace", "entry_point", "jax_platforms"])
+def test_a_gpu_or_tpu_process_is_never_touched(tmp_path, how):
+  """No restart, no tunable, no preload: only XLA:CPU gains from them, and a CUDA/NCCL or
+  libtpu process must run on the allocator it was launched with."""
+  if how == "jax_platforms":
+    env = {"JAX_PLATFORMS": "cuda,cpu"}
+  else:
+    path = _fake_plugins(tmp_path, how)
+    env = {"PYTHONPATH": os.pathsep.join([path, os.environ.get("PYTHONPATH", "")])}
+    found = subprocess.run(
+        [sys.executable, "-c", "from resnet_jax.cpu_speed import allocator; "
+                               "print(*allocator.accelerator_plugins())"],
+        env=_clean_env(**env), capture_output=True, text=True, check=True).stdout.split()
+    assert found == (["fake_cuda"] if how == "namespace" else ["fake_gpu"]), found
+  lines, _ = _probe(**env)
+  assert [tag for tag, *_ in lines] == ["start", "run"]
+  assert lines[1][2:] == ["None", "False", "None"]
+  # JAX_PLATFORMS=cpu says this process runs on the CPU after all: set up as usual.
+  lines, said = _probe(**{**env, **CPU})
+  assert [tag for tag, *_ in lines] == ["start", "start", "run"]
+  assert lines[-1][3] == "True" and said.endswith("big-buffer reuse on")
+
+
+def test_without_a_compiler_the_process_runs_on_and_its_start_up_line_says_why(tmp_path):
   env = _clean_env(CC=str(tmp_path / "no-such-cc"), RESNET_JAX_KERNEL_CACHE=str(tmp_path),
-                   RESNET_JAX_HUGEPAGES="0")
+                   RESNET_JAX_HUGEPAGES="0", **CPU)
   result = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
                           text=True, check=True, timeout=120)
-  assert [l.split(" ")[0] for l in result.stdout.splitlines()] == ["start", "run"]
-  assert result.stderr.count("big-buffer reuse off: no C compiler found") == 1
+  tags = [line.split(" ")[0] for line in result.stdout.splitlines()]
+  assert tags == ["start", "run", "describe"] and result.stderr == ""
+  assert "big-buffer reuse off (no C compiler found" in result.stdout.splitlines()[-1]
 
 
 def test_a_cache_path_ld_preload_cannot_take_is_refused_in_one_line(tmp_path):
-  env = _clean_env(RESNET_JAX_KERNEL_CACHE=str(tmp_path / "my cache"), RESNET_JAX_HUGEPAGES="0")
-  result = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
-                          text=True, check=True, timeout=120)
-  assert [l.split(" ")[-1] for l in result.stdout.splitlines()][-1] == "False"
-  assert result.stderr.count("has a space or colon") == 1
+  lines, said = _probe(RESNET_JAX_KERNEL_CACHE=str(tmp_path / "my cache"),
+                       RESNET_JAX_HUGEPAGES="0", **CPU)
+  assert lines[-1][3] == "False" and "has a space or colon" in said
 
 
 def test_big_blocks_are_reused_aligned_and_small_ones_left_to_glibc():
@@ -222,18 +278,16 @@ def test_a_train_step_computes_the_same_bits_on_reused_memory():
   and with or without the library."""
   code = """
   import functools, hashlib, jax, jax.numpy as jnp, numpy as np
-  from resnet_jax import models
-  from resnet_jax.models import conv
-  model = models.create("resnet20", num_classes=10)
+  from resnet_jax import lowering, models
+  chosen = lowering.choose("auto")
+  model = models.create("resnet20", num_classes=10, **chosen.layers)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((128, 32, 32, 3)), jnp.float32)
   variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
   def loss(p):
     logits, new = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
                               train=True, mutable=["batch_stats"])
     return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[:, 0]), new
-  impl = conv.resolve_impl()
-  step = jax.jit(jax.value_and_grad(loss, has_aux=True),
-                 compiler_options=conv.compiler_options(impl))
+  step = chosen.jit(jax.value_and_grad(loss, has_aux=True))
   digests = []
   for _ in range(3):
     out = jax.device_get(step(variables["params"]))
@@ -241,7 +295,7 @@ def test_a_train_step_computes_the_same_bits_on_reused_memory():
     for leaf in jax.tree.leaves(out):
       h.update(np.asarray(leaf).tobytes())
     digests.append(h.hexdigest())
-  print(impl, *digests)
+  print(chosen.name, *digests)
   """
   plain = _run(code, preload=False).split()
   reused = _run(code).split()

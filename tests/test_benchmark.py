@@ -22,8 +22,8 @@ TINY = ["--model", "resnet8", "--image-size", "8", "--batch-per-device", "2",
 
 def _auto_cpu_impl() -> str:
   """What "auto" means on this machine's CPU backend (the child resolves it the same way)."""
-  from resnet_jax.models import conv
-  return conv.resolve_impl("auto")
+  from resnet_jax import lowering
+  return lowering.choose("auto").name
 STEP_MS_ROUNDING = 0.005   # step_ms is rounded to 2 decimals
 
 
@@ -84,7 +84,7 @@ def _check_rows(result, counts, batch_per_device):
 
 @pytest.fixture(scope="module")
 def auto_run(tmp_path_factory):
-  """conv auto, the measured CPU peak, 2 devices, JSON to a file: (process, results).
+  """lowering auto, the measured CPU peak, 2 devices, JSON to a file: (process, results).
 
   (One device count per run keeps this file fast; test_input_pipeline.py runs 1,2.)"""
   out = tmp_path_factory.mktemp("bench") / "auto.json"
@@ -95,8 +95,8 @@ def auto_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def native_run():
-  """conv native, --peak-tflops, 2 devices only, JSON on stdout: (process, results)."""
-  proc = _ok(bench(*TINY, "--devices", "2", "--conv-impl", "native", "--peak-tflops",
+  """lowering native, --peak-tflops, 2 devices only, JSON on stdout: (process, results)."""
+  proc = _ok(bench(*TINY, "--devices", "2", "--lowering", "native", "--peak-tflops",
                    "0.01", "--json"))
   return proc, json.loads(proc.stdout)   # stdout is nothing but the JSON
 
@@ -105,7 +105,7 @@ def test_json_file_has_the_workload_and_a_full_row_per_device_count(auto_run):
   proc, result = auto_run
   assert result["model"] == "resnet8" and result["image_shape"] == [8, 8, 3]
   assert result["num_classes"] == 10 and result["mode"] == "synthetic"
-  assert result["conv_impl"] == "auto" and result["conv_impl_resolved"] == _auto_cpu_impl()
+  assert result["lowering"] == "auto" and result["lowering_resolved"] == _auto_cpu_impl()
   assert result["backend"] == "cpu" and result["dtype"] == "float32"
   assert "--xla_force_host_platform_device_count=2" in result["xla_flags"]
   _check_rows(result, [2], 2)
@@ -120,16 +120,16 @@ def test_json_file_has_the_workload_and_a_full_row_per_device_count(auto_run):
                      r["flops_per_step"] / fast / peak), r
   # With --json=FILE the human-readable table is on stdout.
   assert "global batch" in proc.stdout and "resnet8 8x8x3 float32" in proc.stdout
-  assert f"conv auto (-> {_auto_cpu_impl()})" in proc.stdout
+  assert f"lowering auto (-> {_auto_cpu_impl()})" in proc.stdout
 
 
 def test_json_alone_prints_pure_json_on_stdout_and_the_table_on_stderr(native_run):
   proc, result = native_run
   assert proc.stdout.lstrip().startswith("{") and proc.stdout.rstrip().endswith("}")
   assert "global batch" not in proc.stdout and "global batch" in proc.stderr
-  assert "conv native (-> native)" in proc.stderr
+  assert "lowering native (-> native)" in proc.stderr
   assert result["json"] == "-"
-  assert result["conv_impl"] == "native" and result["conv_impl_resolved"] == "native"
+  assert result["lowering"] == "native" and result["lowering_resolved"] == "native"
   assert result["model"] == "resnet8" and result["image_shape"] == [8, 8, 3]
   assert result["backend"] == "cpu"
   _check_rows(result, [2], 2)
@@ -152,9 +152,8 @@ def test_peak_tflops_is_the_per_device_peak_of_the_mfu(native_run):
 def test_step_flops_are_about_three_forward_passes_for_either_conv_lowering(auto_run,
                                                                               native_run):
   from resnet_jax import models
-  from resnet_jax.models import conv, flops
-  with conv.use_impl("native"):
-    fwd_macs = flops.xla_macs(models.create("resnet8", num_classes=10), 8, 3)
+  from resnet_jax.models import flops
+  fwd_macs = flops.xla_macs(models.create("resnet8", num_classes=10), 8, 3)
   assert fwd_macs > 0
   cpu_rows, native_rows = auto_run[1]["rows"], native_run[1]["rows"]
   for r in cpu_rows + native_rows:
@@ -179,7 +178,7 @@ def test_end_to_end_mode_runs_the_config_input_pipeline_with_overrides(tmp_path)
   # Shape and classes are the dataset's (8x8 grey digits), not the synthetic defaults.
   assert result["image_shape"] == [8, 8, 1] and result["num_classes"] == 10
   assert result["model"] == "resnet8"   # --model over the config's resnet20
-  assert result["conv_impl_resolved"] == _auto_cpu_impl()
+  assert result["lowering_resolved"] == _auto_cpu_impl()
   _check_rows(result, [1], 8)
   # The override took effect: the dataset was prepared where it said.
   assert (data_dir / "sklearn_digits").is_dir(), sorted(os.listdir(tmp_path))
@@ -189,23 +188,24 @@ def test_a_config_gives_the_trainers_model_and_step():
   """With --config the benchmark times what the trainer would train: its model (drop path,
   BN momentum, dtype from the config) and its step (label smoothing, accumulation, EMA)."""
   import jax
-  from resnet_jax import benchmark, config_cli
-  from resnet_jax.training import mesh as mesh_lib, recipe
+  from resnet_jax import benchmark, config_cli, lowering
+  from resnet_jax.training import mesh as mesh_lib, setup
   overrides = ["--config.model.drop_path_rate=0.1", "--config.model.bn_momentum=0.8",
                "--config.optimizer.label_smoothing=0.1", "--config.optimizer.ema_decay=0.5",
                "--config.optimizer.grad_accum_steps=2"]
   args = benchmark._parse(["--config", DEFAULT_CONFIG, "--model", "resnet8", "--image-size",
                            "8", "--channels", "1", "--batch-per-device", "4", *overrides])
   work = benchmark._Workload(args)
-  config = config_cli.load_config_file(DEFAULT_CONFIG)
-  config_cli.apply_overrides(config, args.config_overrides)
+  config, _ = config_cli.resolve(DEFAULT_CONFIG, args.config_overrides)
   assert len(args.config_overrides) == len(overrides)
-  assert work.model == recipe.create_model(config.model, 10, "resnet8")
-  assert work.model.drop_path_rate == 0.1 and args.dtype == config.model.dtype
-
   mesh = mesh_lib.create_mesh(devices=jax.devices()[:1])
+  chosen = lowering.choose("auto")
+  model = work.setup(mesh, chosen).model
+  assert model == setup.create_model(config.model, 10, chosen, name="resnet8")
+  assert model.drop_path_rate == 0.1 and args.dtype == config.model.dtype
+
   batches = work.batches(mesh, 4)
-  state, compiled, _, _ = benchmark._compile_step(work, mesh, next(batches))
+  state, compiled, _, _ = benchmark._compile_step(work, mesh, chosen, next(batches))
   # The EMA is part of the step: its BN statistics move on the first step already (the
   # parameters' may not: the schedule can start at learning rate 0).
   before = jax.tree.map(lambda a: a.copy(), state.ema_batch_stats)
@@ -304,7 +304,7 @@ def test_requests_the_machine_cannot_serve_are_one_line_errors(args, env_extra, 
     (["--steps", "0"], "--steps must be >= 1"),
     (["--batch-per-device", "0"], "--batch-per-device must be >= 1"),
     (["--no-such-flag"], "unrecognized argument --no-such-flag"),
-    (["--conv-impl", "fast"], "argument --conv-impl: invalid choice: 'fast'"),
+    (["--lowering", "fast"], "argument --lowering: invalid choice: 'fast'"),
 ])
 def test_bad_arguments_are_usage_errors(args, message):
   proc = bench(*args, timeout=60)
@@ -319,7 +319,7 @@ def test_torch_peer_compares_both_lowerings_with_pytorch(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "experiments", "benchmark_torch_peer.py"),
        "--model", "resnet20", "--image-size", "32", "--batch", "8", "--rounds", "1",
-       "--steps", "1", "--warmup", "1", "--conv-impl", "auto,native",
+       "--steps", "1", "--warmup", "1", "--lowering", "auto,native",
        "--ours-python", sys.executable, "--json", str(out)],
       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -328,7 +328,7 @@ def test_torch_peer_compares_both_lowerings_with_pytorch(tmp_path):
   assert set(result["compile_s"]) == {"auto", "native"}
   assert all(v > 0 for v in result["compile_s"].values())
   rows = {r["name"]: r for r in result["rows"]}
-  ours = [rows.pop("ours (conv auto)"), rows.pop("ours (conv native)")]
+  ours = [rows.pop("ours (lowering auto)"), rows.pop("ours (lowering native)")]
   (torch_name, torch_row), = rows.items()
   assert torch_name.startswith("torch ")
   for r in ours + [torch_row]:

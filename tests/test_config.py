@@ -5,7 +5,8 @@ import os
 import pytest
 
 from resnet_jax import config_cli
-from resnet_jax.config_schema import ConfigError, base_config, check_keys_and_types, check_values
+from resnet_jax.config_schema import base_config, check_keys_and_types, check_values
+from resnet_jax.errors import ConfigError
 
 from conftest import DEFAULT_CONFIG, REPO, run_cli
 

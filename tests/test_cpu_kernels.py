@@ -1,9 +1,10 @@
-"""resnet_jax/cpu_kernels: the oneDNN convolutions and BatchNorm sums called through XLA's FFI.
+"""resnet_jax/cpu_speed/kernels: the oneDNN convolutions, BatchNorm sums and max pooling
+called through XLA's FFI.
 
-What the models see of them (same numbers as the native path, whole train steps) is in
-tests/test_conv_lowering.py; here: that they build on this kind of machine, the sums
-against float64, batch-sharded calls on 8 devices, the build cache, and the fallback and
-the error where they cannot build.
+What the models see of them (same numbers as the default layers, whole train steps) is in
+tests/test_cpu_speed.py; here: that the sources build into a library exporting every FFI
+target, the sums against float64, batch-sharded calls on 8 devices, the build cache, and
+the fallback and the error where they cannot build.
 """
 
 import os
@@ -17,20 +18,39 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import cpu_kernels, models
-from resnet_jax.cpu_kernels import library
-from resnet_jax.models import conv
+from resnet_jax import lowering, models
+from resnet_jax.cpu_speed import kernels as cpu_kernels
+from resnet_jax.cpu_speed import lowering as cpu_lowering
+from resnet_jax.cpu_speed.kernels import library
 
 from conftest import REPO, cli_env
 
 x86_64_linux = sys.platform == "linux" and platform.machine() == "x86_64"
 
 
-def test_the_kernels_build_on_x86_64_linux():
-  # Not a skip: CI is such a machine, and losing the kernels would silently cost ~1.5x.
+BUILD = textwrap.dedent("""
+    import ctypes, json
+    from resnet_jax.cpu_speed.kernels import library
+    path = library.build()
+    lib = ctypes.CDLL(str(path))
+    print(json.dumps({"path": str(path),
+                      "missing": [s for s in library.TARGETS.values() if not hasattr(lib, s)]}))
+""")
+
+
+def test_the_sources_build_into_a_library_with_every_ffi_target(tmp_path):
+  """From the sources, into an empty cache: every handler the FFI table names is exported
+  (a renamed or dropped handler fails here, not at a user's first step). Not a skip on
+  x86-64 Linux: CI is such a machine, and losing the kernels would silently cost ~1.5x."""
   if not x86_64_linux:
     pytest.skip("oneDNN's wheels are x86-64 Linux only")
-  assert cpu_kernels.unavailable_reason() is None
+  proc = subprocess.run([sys.executable, "-c", BUILD], cwd=REPO, capture_output=True,
+                        text=True, timeout=600,
+                        env=cli_env(1, RESNET_JAX_KERNEL_CACHE=str(tmp_path)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json
+  built = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert built["path"].startswith(str(tmp_path)) and built["missing"] == [], built
 
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
@@ -82,14 +102,13 @@ def test_centred_sums_match_float64(shape, loc):
 def test_a_train_step_computes_no_unused_input_gradient():
   """The stem's dx (the image's gradient) is dead code: XLA drops the FFI call, so a
   step has one data-gradient convolution fewer than it has convolutions."""
-  model = models.create("resnet8", num_classes=10)
+  model = models.create("resnet8", num_classes=10, **cpu_lowering.layers("onednn"))
   x = jnp.ones((2, 8, 8, 3))
   variables = model.init(jax.random.PRNGKey(0), x, train=False)
 
   def loss(params):
-    with conv.use_impl("onednn"):
-      logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                              x, train=True, mutable=["batch_stats"])
+    logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                            x, train=True, mutable=["batch_stats"])
     return jnp.sum(logits)
 
   hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
@@ -104,8 +123,8 @@ SHARDED = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from resnet_jax import cpu_kernels
-    from resnet_jax.models import conv
+    from resnet_jax.cpu_speed import kernels as cpu_kernels
+    from resnet_jax.cpu_speed.conv import conv_general_dilated
 
     mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "fsdp"))
     batch = NamedSharding(mesh, P(("data", "fsdp")))
@@ -114,8 +133,9 @@ SHARDED = textwrap.dedent("""
     w = jnp.asarray(rng.standard_normal((3, 3, 6, 5)), jnp.float32)
 
     def f(x, w, impl):
+      conv = conv_general_dilated(impl) if impl == "onednn" else jax.lax.conv_general_dilated
       def loss(x, w):
-        y = conv.conv2d(x, w, (2, 2), "SAME", impl=impl)
+        y = conv(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return jnp.sum(jnp.sin(y)), y
       grads, y = jax.grad(loss, (0, 1), has_aux=True)(x, w)
       s, q = cpu_kernels.channel_sums(y) if impl == "onednn" else (
@@ -167,14 +187,12 @@ def test_the_build_is_cached_and_keyed_by_what_it_depends_on(monkeypatch):
 
 
 UNAVAILABLE = textwrap.dedent("""
-    import warnings
-    from resnet_jax.models import conv
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always")
-      print("auto ->", conv.resolve_impl("auto"))
-    print("warning:", caught[0].message)
+    from resnet_jax import lowering
+    auto = lowering.choose("auto")
+    print("auto ->", auto.name)
+    print("note:", auto.note)
     try:
-      conv.resolve_impl("onednn")
+      lowering.choose("onednn")
     except Exception as e:
       print("onednn ->", type(e).__name__, e)
 """)
@@ -188,22 +206,23 @@ def test_without_a_compiler_auto_falls_back_to_xla_and_onednn_says_why(tmp_path)
   lines = proc.stdout.splitlines()
   assert lines[0] == "auto -> cpu"
   assert "no C++ compiler found (looked for" in lines[1] and "no-such-g++" in lines[1]
-  assert lines[2].startswith("onednn -> KernelsUnavailable conv impl 'onednn': no C++ ")
+  assert "slower XLA-only 'cpu' lowering" in lines[1]
+  assert lines[2].startswith("onednn -> LoweringUnavailable lowering 'onednn': no C++ ")
 
 
 @pytest.mark.parametrize("command", [
     ["-m", "resnet_jax.benchmark", "--model", "resnet8", "--image-size", "8",
-     "--batch-per-device", "2", "--devices", "1", "--conv-impl", "onednn"],
-    ["-m", "resnet_jax", "--config=configs/digits_resnet20.py", "--workdir={workdir}"]])
+     "--batch-per-device", "2", "--devices", "1", "--lowering", "onednn"],
+    ["-m", "resnet_jax", "--config=configs/digits_resnet20.py", "--workdir={workdir}",
+     "--config.lowering=onednn"]])
 def test_asking_for_onednn_where_it_cannot_build_is_a_one_line_error(tmp_path, command):
   workdir = tmp_path / "run"
-  env = cli_env(1, CXX=str(tmp_path / "no-such-g++"), RESNET_JAX_KERNEL_CACHE=str(tmp_path),
-                RESNET_JAX_CONV_IMPL="onednn")   # the trainer's way to ask; the benchmark's flag
+  env = cli_env(1, CXX=str(tmp_path / "no-such-g++"), RESNET_JAX_KERNEL_CACHE=str(tmp_path))
   proc = subprocess.run([sys.executable, *(a.format(workdir=workdir) for a in command)],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and "conv impl 'onednn': no C++ compiler found" in lines[0], lines
+  assert len(lines) == 1 and "lowering 'onednn': no C++ compiler found" in lines[0], lines
   assert not (workdir / "config.json").exists()   # the trainer wrote nothing
 
 
@@ -213,7 +232,6 @@ def test_max_pool_matches_select_and_scatter_on_nans_infinities_and_shared_winne
   everywhere (the first tap wins), one value that wins four overlapping 3x3/2 windows (its
   gradient is their sum), and a NaN: y is NaN as natively, and the NaN window's gradient is
   dropped, as the XLA "cpu" lowering does (select-and-scatter hands it to some other tap)."""
-  from resnet_jax.models import pool
   x = np.zeros((2, 5, 5, 3), np.float32)
   x[0, 2, 2, 0] = 5.0                    # centre of the 5x5: in all four windows
   x[0, 0, 0, 1] = np.nan
@@ -221,8 +239,9 @@ def test_max_pool_matches_select_and_scatter_on_nans_infinities_and_shared_winne
   x[1, 1, 3, 1] = 2.0
   dy = np.arange(1, 2 * 2 * 2 * 3 + 1, dtype=np.float32).reshape(2, 2, 2, 3)
 
-  def run(impl):
-    y, vjp = jax.vjp(lambda x: pool.max_pool(x, (3, 3), (2, 2), impl=impl), jnp.asarray(x))
+  def run(name):
+    pool = lowering.choose(name).layers.get("pool", models.DEFAULT_LAYERS["pool"])
+    y, vjp = jax.vjp(lambda x: pool(x, (3, 3), strides=(2, 2)), jnp.asarray(x))
     return np.asarray(y), np.asarray(vjp(jnp.asarray(dy))[0])
 
   (y, dx), (y_ref, dx_ref), (_, dx_cpu) = run("onednn"), run("native"), run("cpu")

@@ -14,7 +14,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from resnet_jax import main as cli
-from resnet_jax.config_schema import ConfigError, base_config, check_values
+from resnet_jax.config_schema import base_config, check_values
+from resnet_jax.errors import ConfigError
 from resnet_jax.data import datasets, imagenet_preprocess as ipp, input_pipeline as ip
 
 from conftest import REPO, SHARED_DATA

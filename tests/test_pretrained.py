@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from resnet_jax import config_cli, models
 from resnet_jax import main as cli
-from resnet_jax.config_schema import check_keys_and_types, check_values
+from resnet_jax.config_schema import check_values
 from resnet_jax.convert import weights_file
 from resnet_jax.training import pretrained, state as state_lib
 from resnet_jax.training import trainer
@@ -81,11 +81,13 @@ def _overrides(folder, tfds_dir, pretrained, **extra):
           "log_every_steps": 1, **extra}
 
 
-def _config(overrides):
-  cfg = config_cli.load_config_file(DEFAULT_CONFIG)
-  config_cli.apply_overrides(cfg, {k: str(v) for k, v in overrides.items()})
-  check_keys_and_types(cfg)
+def _config(overrides, settled=None):
+  """The resolved config, as the command line resolves it; `settled` (a list) receives the
+  lines saying what was taken from the file."""
+  cfg, lines = config_cli.resolve(DEFAULT_CONFIG, {k: str(v) for k, v in overrides.items()})
   check_values(cfg, num_devices=jax.device_count(), num_processes=1)
+  if settled is not None:
+    settled.extend(lines)
   return cfg
 
 
@@ -110,15 +112,19 @@ def test_run_starts_from_the_file_and_a_resumed_run_from_its_checkpoint(
   workdir = str(tmp_path / "work")
   # Stopped after one step: the rerun must resume, not start from the file again.
   overrides = _overrides(folder, tfds_dir, path)
-  cfg = _config(overrides)
+  settled = []
+  cfg = _config(overrides, settled)
+  # Settled when the config is resolved, before the run: the file's preprocessing.
+  assert settled == [f"model.pretrained: data.channel_order=BGR data.mean=(104.0, 117.0, "
+                     f"123.0) data.std=(57.0, 57.5, 58.0) taken from {path}"]
+  assert tuple(cfg.data.std) == (57.0, 57.5, 58.0) and cfg.data.channel_order == "BGR"
+  given = cfg.to_json()
   assert trainer.train_and_evaluate(cfg, workdir) == {"step": 1, "stopped": True}
+  assert cfg.to_json() == given, "the trainer leaves the config it is given as it was"
   out = capsys.readouterr().out
   assert f"model.pretrained: 37 arrays from {path} (test)" in out, out
-  assert (f"model.pretrained: data.channel_order=BGR data.mean=(104.0, 117.0, 123.0) "
-          f"data.std=(57.0, 57.5, 58.0) taken from {path}") in out
   assert f"{path} was made for image_size 32 (this run: 16); keeping the config's" in out
   assert "re-initialised" not in out
-  assert tuple(cfg.data.std) == (0.0,), "the caller's config is left as it was"
   recorded = json.load(open(f"{workdir}/config.json"))["data"]
   assert recorded["mean"] == PRE["mean"] and recorded["channel_order"] == "BGR"
 
@@ -130,12 +136,14 @@ def test_run_starts_from_the_file_and_a_resumed_run_from_its_checkpoint(
   # BN statistics moved by 1e-6 of a batch's.
   _assert_equal_except_head(state["batch_stats"], variables["batch_stats"], exact=False)
 
-  resumed = trainer.train_and_evaluate(_config(dict(overrides, stop_after_steps=2)), workdir)
+  settled = []
+  resumed = trainer.train_and_evaluate(_config(dict(overrides, stop_after_steps=2), settled),
+                                       workdir)
   assert resumed == {"step": 2, "stopped": True}
   out = capsys.readouterr().out
   assert "resumed from" in out and "arrays from" not in out, out
   # The resumed run normalises as the first did: the file's preprocessing again.
-  assert "data.channel_order=BGR data.mean=(104.0, 117.0, 123.0)" in out
+  assert "data.channel_order=BGR data.mean=(104.0, 117.0, 123.0)" in settled[0]
 
 
 def test_head_is_reinitialised_when_the_class_count_differs(folder, tfds_dir, tmp_path,
@@ -143,16 +151,16 @@ def test_head_is_reinitialised_when_the_class_count_differs(folder, tfds_dir, tm
   path = tmp_path / "five.safetensors"
   variables = _save(path, num_classes=5)
   workdir = str(tmp_path / "work")
+  settled = []
   cfg = _config(_overrides(folder, tfds_dir, path, **{
-      "data.mean": "1,2,3", "data.std": "4,5,6", "optimizer.ema_decay": 0.5}))
+      "data.mean": "1,2,3", "data.std": "4,5,6", "optimizer.ema_decay": 0.5}), settled)
   assert trainer.train_and_evaluate(cfg, workdir) == {"step": 1, "stopped": True}
   out = capsys.readouterr().out
   assert "model.pretrained: classifier head re-initialised (5 -> 10 classes)" in out, out
   assert f"model.pretrained: 35 arrays from {path}" in out
   # The config's mean/std are kept; the weights' channel order is taken (it was default).
-  assert (f"model.pretrained: data.channel_order=BGR taken from {path} (the config's "
-          "data.mean/std are read in that order)") in out
-  assert "data.mean=" not in out
+  assert settled == [f"model.pretrained: data.channel_order=BGR taken from {path} (the "
+                     "config's data.mean/std are read in that order)"]
   recorded = json.load(open(f"{workdir}/config.json"))["data"]
   assert recorded["mean"] == [1.0, 2.0, 3.0] and recorded["channel_order"] == "BGR"
   state = read_checkpoint(workdir, 1)
@@ -233,8 +241,8 @@ def test_a_headless_file_gets_a_fresh_head(tmp_path, capsys):
   weights_file.save(path, backbone, MODEL, PRE, source="test")
   model = models.create(MODEL, num_classes=10)
   abstract = jax.eval_shape(state_lib.make_init_fn(model, optax.sgd(0.0), (1, SIZE, SIZE, 3), 0))
-  loaded = pretrained.load_variables(path, abstract, pretrained.read_info(path, MODEL),
-                                     num_classes=10, model_name=MODEL, channels=3)
+  loaded = pretrained.load_variables(path, abstract, num_classes=10, model_name=MODEL,
+                                     channels=3)
   assert "classifier head re-initialised (the file has none; 10 classes)" in (
       capsys.readouterr().out)
   assert loaded["params"][("head", "kernel")] is None

@@ -10,7 +10,7 @@ import numpy as np
 
 from resnet_jax import models
 from resnet_jax.config_schema import base_config
-from resnet_jax.models.ghost_batch_norm import GhostBatchNorm
+from resnet_jax.models.batch_norm import BatchNorm
 from resnet_jax.training import optimizer, state as state_lib, steps
 
 from conftest import read_metrics, run_cli
@@ -44,7 +44,7 @@ def test_ghost_bn_with_per_device_groups_reproduces_per_device_statistics():
   compare with BN computed by hand on each such shard."""
   batch, group, channels = 16, 4, 3
   x = jax.random.normal(jax.random.PRNGKey(0), (batch, 5, 5, channels)) * 3 + 1
-  bn = GhostBatchNorm(group, momentum=0.9, epsilon=1e-5)
+  bn = BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, group_size=group)
   variables = bn.init(jax.random.PRNGKey(1), x)
   y, updates = bn.apply(variables, x, mutable=["batch_stats"])
   x_np = np.asarray(x, np.float64)
@@ -60,7 +60,8 @@ def test_ghost_bn_with_per_device_groups_reproduces_per_device_statistics():
   np.testing.assert_allclose(updates["batch_stats"]["var"],
                              0.9 + 0.1 * np.mean(variances, 0), atol=1e-5)
   # Group = whole batch is ordinary BatchNorm, with the same variable names.
-  full, _ = GhostBatchNorm(batch).apply(variables, x, mutable=["batch_stats"])
+  full, _ = BatchNorm(use_running_average=False, group_size=batch).apply(
+      variables, x, mutable=["batch_stats"])
   ref, _ = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5).apply(
       variables, x, mutable=["batch_stats"])
   np.testing.assert_allclose(full, ref, atol=1e-5)

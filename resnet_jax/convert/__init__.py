@@ -36,7 +36,7 @@ def layout_of(model_name: str) -> str:
   if model_name not in models.MODEL_SPECS:
     raise ValueError(f"unknown model {model_name!r}; see models.list_models()")
   spec = models.MODEL_SPECS[model_name]
-  if not spec.get("preact") and not spec.get("conv_bias"):
+  if not models.is_preact(model_name) and not spec.get("conv_bias"):
     return "torch"
   if model_name.endswith(("_v1", "_v2")) and spec.get("stem") == "imagenet":
     return "keras"

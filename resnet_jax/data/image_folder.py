@@ -19,7 +19,7 @@ import tarfile
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from resnet_jax.config_schema import ConfigError
+from resnet_jax.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 

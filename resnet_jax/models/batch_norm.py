@@ -1,25 +1,27 @@
-"""Batch normalisation: `flax.linen.BatchNorm`'s parameters, statistics and math, with a
-hand-written gradient for the CPU lowering.
+"""Batch normalisation: the one norm layer of every ResNet here.
 
-Same variables as flax (params `scale`, `bias`; batch_stats `mean`, `var`), same momentum
-update, same fast variance (E[x^2] - E[x]^2, clipped at 0) and the same expression for the
-output, all in float32. Only the training-mode gradient differs in how it is computed:
+Same variables and math as `flax.linen.BatchNorm` (params `scale`, `bias`; batch_stats
+`mean`, `var`; the fast variance E[x^2] - E[x]^2 clipped at 0; the same expression for the
+output and the same momentum update), always computed in float32, whatever the model's
+compute dtype: bf16 batch statistics lose too much.
 
-  "native" lowering (GPU/TPU): JAX differentiates the forward expression, as for flax.
-  "cpu" lowering: a custom VJP in the textbook closed form,
-      dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)),   a = scale / sqrt(var + eps),
-      which XLA:CPU turns into one reduction pass and one elementwise pass per layer. The
-      autodiff graph of the forward expression leaves XLA:CPU several passes per layer and
-      fusions that recompute earlier layers' normalisations (seen in ResNet-50 profiles).
-  "onednn" lowering (conv.py's "auto" on CPU): the same closed form, with the batch sums
-      (sum x and sum x^2 forward; sum dy and sum dy * (x - mean) backward) computed by
-      resnet_jax/cpu_kernels in one pass each. XLA's YNNPACK reductions wanted every
-      operand in a buffer of its own, so it wrote `x - mean` out for every layer.
-All give the same numbers to float32 rounding (tests/test_conv_lowering.py,
-tests/test_cpu_kernels.py).
+Two options flax's has not:
+
+- `group_size=G` ("ghost" BN, the semantics of pmap-era ResNet training and MLPerf): each
+  group of G consecutive examples is normalised with its own statistics, and the running
+  averages take the mean over the groups. With G = the per-device batch the groups are
+  exactly the devices' shards of the global batch, so each group's reduction stays on its
+  device and XLA inserts no communication for it. Trade-off: the default (statistics of the
+  global batch) makes results independent of the device count; small G adds regularising
+  noise and skips the all-reduce, but results then depend on G.
+- `normalize_batch`: the training-mode math, `(x, scale, bias, epsilon) -> (y, mean, var)`.
+  JAX differentiates the default; a backend can pass a faster one with the same numbers
+  (resnet_jax/cpu_speed/batch_norm.py), as `nn.Conv` takes `conv_general_dilated`.
+
+Under jit with a batch sharded over the mesh, "the batch" is the global batch: XLA inserts
+the all-reduce of the statistics.
 """
 
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -27,78 +29,28 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax import cpu_kernels
-from resnet_jax.models import conv
 
-_AXES = (0, 1, 2)   # NHWC: statistics over batch and space, per channel
-
-
-def _stats(x):
-  mean = jnp.mean(x, _AXES)
-  var = jnp.maximum(jnp.mean(jnp.square(x), _AXES) - jnp.square(mean), 0.0)
+def batch_statistics(x):
+  """Per-channel (mean, var) over every axis but the last: flax's fast variance."""
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes)
+  var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
   return mean, var
 
 
-def _normalize(x, mean, var, scale, bias, epsilon):
-  # flax's expression and order of operations.
+def normalize(x, mean, var, scale, bias, epsilon):
+  """flax's expression, in flax's order of operations."""
   return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
 
 
-def _train_autodiff(x, scale, bias, epsilon):
-  mean, var = _stats(x)
-  return _normalize(x, mean, var, scale, bias, epsilon), mean, var
-
-
-def _xla_centred_sums(dy, x, mean):
-  return jnp.sum(dy, _AXES), jnp.sum(dy * (x - mean), _AXES)
-
-
-def _kernel_stats(x):
-  # The same estimator as _stats, from sums: mean = S/M, var = max(Q/M - mean^2, 0).
-  total, total_sq = cpu_kernels.channel_sums(x)
-  count = x.size // x.shape[-1]
-  mean = total / count
-  return mean, jnp.maximum(total_sq / count - jnp.square(mean), 0.0)
-
-
-def _closed_form(stats, centred_sums):
-  """Training-mode BN (y, batch mean, batch var) with the closed-form gradient, its batch
-  statistics from `stats(x)` and the backward's sums from `centred_sums(dy, x, mean)`."""
-
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-  def train(x, scale, bias, epsilon):
-    return train_fwd(x, scale, bias, epsilon)[0]
-
-  def train_fwd(x, scale, bias, epsilon):
-    mean, var = stats(x)
-    y = _normalize(x, mean, var, scale, bias, epsilon)
-    return (y, mean, var), (x, scale, mean, var)
-
-  def train_bwd(epsilon, res, cotangents):
-    x, scale, mean, var = res
-    dy, dmean, dvar = cotangents
-    count = x.size // x.shape[-1]
-    rstd = lax.rsqrt(var + epsilon)
-    sum_dy, sum_dy_centred = centred_sums(dy, x, mean)
-    sum_dy_xhat = sum_dy_centred * rstd
-    a = scale * rstd
-    # dx = a*dy - a/M*sum_dy - a*xhat/M*sum_dy_xhat, plus the (usually zero) cotangents of
-    # the returned batch statistics: d mean/dx = 1/M, d var/dx = 2 (x - mean)/M.
-    coef_centred = (2.0 * dvar - a * rstd * sum_dy_xhat) / count
-    const = (dmean - a * sum_dy) / count
-    dx = a * dy + (x - mean) * coef_centred + const
-    return dx, sum_dy_xhat, sum_dy
-
-  train.defvjp(train_fwd, train_bwd)
-  return train
-
-
-_TRAIN = {"cpu": _closed_form(_stats, _xla_centred_sums),
-          "onednn": _closed_form(_kernel_stats, cpu_kernels.centred_sums)}
+def normalize_batch(x, scale, bias, epsilon):
+  """Training mode: x normalised by its own statistics; returns (y, mean, var)."""
+  mean, var = batch_statistics(x)
+  return normalize(x, mean, var, scale, bias, epsilon), mean, var
 
 
 class BatchNorm(nn.Module):
-  """Drop-in for the `flax.linen.BatchNorm` uses in this package (NHWC, channel axis -1)."""
+  """`flax.linen.BatchNorm` for channels-last inputs, plus `group_size` and `normalize_batch`."""
   use_running_average: bool | None = None
   momentum: float = 0.99
   epsilon: float = 1e-5
@@ -106,6 +58,8 @@ class BatchNorm(nn.Module):
   param_dtype: Any = jnp.float32
   scale_init: Callable = nn.initializers.ones
   bias_init: Callable = nn.initializers.zeros
+  group_size: int = 0                       # > 0: ghost BN over groups of this many examples
+  normalize_batch: Callable = normalize_batch
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None):
@@ -121,11 +75,25 @@ class BatchNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     scale32, bias32 = scale.astype(jnp.float32), bias.astype(jnp.float32)
     if use_running_average:
-      y = _normalize(x32, ra_mean.value, ra_var.value, scale32, bias32, self.epsilon)
+      y = normalize(x32, ra_mean.value, ra_var.value, scale32, bias32, self.epsilon)
       return y.astype(out_dtype)
-    train = _TRAIN.get(conv.resolve_impl(), _train_autodiff)
-    y, mean, var = train(x32, scale32, bias32, self.epsilon)
+    if self.group_size > 0:
+      y, mean, var = self._ghost(x32, scale32, bias32)
+    else:
+      y, mean, var = self.normalize_batch(x32, scale32, bias32, self.epsilon)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return y.astype(out_dtype)
+
+  def _ghost(self, x, scale, bias):
+    """Each group of `group_size` consecutive examples by its own statistics; (y, the mean
+    of the groups' means, the mean of their variances)."""
+    batch, group = x.shape[0], self.group_size
+    if batch % group:
+      raise ValueError(f"BatchNorm: batch {batch} is not a multiple of the group size "
+                       f"{group} (config key model.bn_group_size)")
+    groups = x.reshape((batch // group, group) + x.shape[1:])
+    y, mean, var = jax.vmap(normalize_batch, in_axes=(0, None, None, None))(
+        groups, scale, bias, self.epsilon)
+    return y.reshape(x.shape), jnp.mean(mean, 0), jnp.mean(var, 0)

@@ -4,28 +4,28 @@
 the multiply-adds that touch real input, so zero padding is not counted. `analytic_macs`
 counts every conv/dense output position times its kernel volume, padding included -- the
 convention of torchvision's and timm's published GFLOPS (fvcore), e.g. 4.09 for ResNet-50.
-Both trace the model with native convolutions: the count is the model's arithmetic, whatever
-lowering runs it (the "onednn" CPU lowering's FFI calls are invisible to both).
+Both trace the model with its default layers: the count is the model's arithmetic, whatever
+lowering runs it (a CPU lowering's FFI calls are invisible to both).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.models import conv
+from resnet_jax.models.resnet import DEFAULT_LAYERS
 
 
 def _forward_inputs(model, image_size: int, channels: int = 3):
+  model = model.clone(**DEFAULT_LAYERS)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-  return variables, x
+  return model, variables, x
 
 
 def xla_macs(model, image_size: int, channels: int = 3) -> float:
   """MACs per image of the eval forward pass, from XLA's cost analysis."""
-  variables, x = _forward_inputs(model, image_size, channels)
-  with conv.use_impl("native"):
-    cost = jax.jit(model.apply).lower(variables, x).cost_analysis()
+  model, variables, x = _forward_inputs(model, image_size, channels)
+  cost = jax.jit(model.apply).lower(variables, x).cost_analysis()
   if isinstance(cost, (list, tuple)):     # older jax returned one dict per computation
     cost = cost[0]
   return float(cost["flops"]) / 2
@@ -33,9 +33,8 @@ def xla_macs(model, image_size: int, channels: int = 3) -> float:
 
 def analytic_macs(model, image_size: int, channels: int = 3) -> float:
   """MACs per image counted from the jaxpr's convolutions and matmuls, padding included."""
-  variables, x = _forward_inputs(model, image_size, channels)
-  with conv.use_impl("native"):
-    jaxpr = jax.make_jaxpr(model.apply)(variables, x).jaxpr
+  model, variables, x = _forward_inputs(model, image_size, channels)
+  jaxpr = jax.make_jaxpr(model.apply)(variables, x).jaxpr
   return float(_count(jaxpr))
 
 

@@ -1,10 +1,13 @@
 """Named members of the family: each is one row of keyword arguments for `ResNet`."""
 
+import functools
 import re
 from typing import Any
 
 import jax.numpy as jnp
 
+from resnet_jax.models.blocks import (BasicBlock, BottleneckBlock, PreActBasicBlock,
+                                      PreActBottleneckBlock, block_class)
 from resnet_jax.models.resnet import ResNet
 
 _IMAGENET_WIDTHS = (64, 128, 256, 512)
@@ -12,13 +15,14 @@ _CIFAR_WIDTHS = (16, 32, 64)
 
 # ImageNet-style, v1.5 (stride in the 3x3 conv of the bottleneck), as torchvision.
 _IMAGENET_DEPTHS = {
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
-    152: ("bottleneck", (3, 8, 36, 3)),
-    200: ("bottleneck", (3, 24, 36, 3)),
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (BottleneckBlock, (3, 4, 6, 3)),
+    101: (BottleneckBlock, (3, 4, 23, 3)),
+    152: (BottleneckBlock, (3, 8, 36, 3)),
+    200: (BottleneckBlock, (3, 24, 36, 3)),
 }
+_PREACT = {BasicBlock: PreActBasicBlock, BottleneckBlock: PreActBottleneckBlock}
 
 # The CIFAR nets of He et al. 2015 (Sec. 4.2): 6n+2 layers, three stages of n basic blocks
 # with 16/32/64 filters, option-A (zero-padded identity) shortcuts. n=1 (resnet8) is the
@@ -32,7 +36,7 @@ for _depth, (_block, _sizes) in _IMAGENET_DEPTHS.items():
                                         shortcut="projection")
 for _depth, _n in _CIFAR_N.items():
   MODEL_SPECS[f"resnet{_depth}"] = dict(stage_sizes=(_n, _n, _n), stage_widths=_CIFAR_WIDTHS,
-                                        block="basic", stem="cifar", stem_width=16,
+                                        block=BasicBlock, stem="cifar", stem_width=16,
                                         shortcut="zero_pad")
 
 # The other flavours of every ImageNet depth (see resnet.py's docstring):
@@ -44,11 +48,14 @@ for _depth, _n in _CIFAR_N.items():
 _KERAS_BN_EPSILON = 1.001e-5
 for _depth in _IMAGENET_DEPTHS:
   _v15 = MODEL_SPECS[f"resnet{_depth}"]
-  MODEL_SPECS[f"resnet{_depth}_v1"] = dict(_v15, stride_in_1x1=True, conv_bias=True,
-                                           bn_epsilon=_KERAS_BN_EPSILON)
+  _block = _v15["block"]
+  MODEL_SPECS[f"resnet{_depth}_v1"] = dict(
+      _v15, conv_bias=True, bn_epsilon=_KERAS_BN_EPSILON,
+      block=functools.partial(_block, stride_in_1x1=True) if _block is BottleneckBlock
+      else _block)
   MODEL_SPECS[f"resnet{_depth}d"] = dict(_v15, stem="deep", stem_width=32,
                                          shortcut="avg_projection")
-  MODEL_SPECS[f"resnet{_depth}_v2"] = dict(_v15, preact=True, conv_bias=True,
+  MODEL_SPECS[f"resnet{_depth}_v2"] = dict(_v15, block=_PREACT[_block], conv_bias=True,
                                            downsample_at="end", bn_epsilon=_KERAS_BN_EPSILON)
 
 # The paper's CIFAR nets with option-B shortcuts (projection where the width grows).
@@ -61,7 +68,7 @@ for _depth, _k in ((16, 8), (28, 10), (40, 4)):
   _n = (_depth - 4) // 6
   MODEL_SPECS[f"wide_resnet{_depth}_{_k}"] = dict(
       stage_sizes=(_n, _n, _n), stage_widths=tuple(w * _k for w in _CIFAR_WIDTHS),
-      block="basic", stem="cifar", stem_width=16, shortcut="projection", preact=True)
+      block=PreActBasicBlock, stem="cifar", stem_width=16, shortcut="projection")
 
 # Wide ResNet (Zagoruyko & Komodakis; torchvision's ImageNet variants) and ResNeXt
 # (Xie et al.): the same bottleneck stages with a wider or grouped 3x3 conv.
@@ -70,8 +77,8 @@ for _name, _depth, _groups, _width in (("wide_resnet50_2", 50, 1, 128),
                                        ("resnext50_32x4d", 50, 32, 4),
                                        ("resnext101_32x8d", 101, 32, 8),
                                        ("resnext101_64x4d", 101, 64, 4)):
-  MODEL_SPECS[_name] = dict(MODEL_SPECS[f"resnet{_depth}"], groups=_groups,
-                            width_per_group=_width)
+  MODEL_SPECS[_name] = dict(MODEL_SPECS[f"resnet{_depth}"], block=functools.partial(
+      BottleneckBlock, groups=_groups, width_per_group=_width))
 
 # Squeeze-and-excitation ResNets (timm's seresnet*: SE with ratio 1/16 in every block).
 for _depth in _IMAGENET_DEPTHS:
@@ -91,11 +98,27 @@ def list_models() -> list[str]:
                                             for t in re.split(r"(\d+)", n)])
 
 
+def register(name: str, **row) -> None:
+  """Add a named model: `row` is ResNet's keyword arguments but num_classes and dtype, e.g.
+  `register("mynet20", **dict(MODEL_SPECS["resnet20"], block=MyBlock))`. Then
+  `create("mynet20", ...)` and `--config.model.name=mynet20` (in the same process) build it."""
+  missing = {"stage_sizes", "stage_widths", "block"} - set(row)
+  if missing:
+    raise ValueError(f"model row {name!r} lacks {', '.join(sorted(missing))}")
+  MODEL_SPECS[name] = row
+
+
+def is_preact(name: str) -> bool:
+  """Whether the named model is pre-activation (v2, the CIFAR Wide ResNets)."""
+  return block_class(MODEL_SPECS[name]["block"]).preact
+
+
 def create(name: str, num_classes: int, dtype: str | Any = "float32", **overrides) -> ResNet:
   """Build a named model, e.g. `create("resnet50", num_classes=1000, dtype="bfloat16")`.
 
   `overrides` replace fields of the named row (e.g. `shortcut="projection"`,
-  `zero_init_last_bn=True`).
+  `zero_init_last_bn=True`) or set the layers (`conv`, `norm`, `pool`: see
+  resnet_jax/lowering.py).
   """
   if name not in MODEL_SPECS:
     raise KeyError(f"unknown model {name!r}; known: {', '.join(list_models())}")
@@ -105,5 +128,3 @@ def create(name: str, num_classes: int, dtype: str | Any = "float32", **override
     dtype = _DTYPES[dtype]
   kwargs = dict(MODEL_SPECS[name], **overrides)
   return ResNet(num_classes=num_classes, dtype=dtype, **kwargs)
-
-

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from resnet_jax.config_schema import ConfigError
+from resnet_jax.errors import ConfigError
 from resnet_jax.training.metrics_log import log_main as _log
 
 

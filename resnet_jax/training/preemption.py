@@ -9,15 +9,7 @@ import signal
 
 import jax
 
-
-class Preempted(Exception):
-  def __init__(self, step: int, signum: int):
-    self.step, self.signum = step, signum
-    super().__init__(f"preempted by {signal.Signals(signum).name} at step {step}")
-
-  @property
-  def exit_code(self) -> int:
-    return 128 + self.signum   # the shell/scheduler convention for "killed by signal N"
+from resnet_jax.errors import Preempted  # noqa: F401  (raised by the trainer on its signal)
 
 
 class PreemptionWatcher:

@@ -9,8 +9,9 @@ dataset as they are. The optimizer state is rebuilt for the loaded params, and t
 copies (optimizer.ema_decay > 0) start from them.
 
 The file's preprocessing fills data.mean / data.std / data.channel_order where the config
-leaves them at their defaults (every run, resumed ones included, so a run always normalises
-the same way); image_size and crop_pct stay the config's (a line says when they differ).
+leaves them at their defaults, when the config is resolved (every run, resumed ones
+included, so a run always normalises the same way, and config.json records it); image_size
+and crop_pct stay the config's (a line says when they differ).
 """
 
 import os
@@ -20,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from resnet_jax.config_schema import ConfigError
 from resnet_jax.convert import weights_file
+from resnet_jax.data import catalog
+from resnet_jax.errors import ConfigError
 from resnet_jax.training.metrics_log import log_main as _log
 
 KEY = "model.pretrained"
@@ -52,14 +54,20 @@ def read_info(path: str, model_name: str) -> dict:
   return info
 
 
-def fill_preprocessing(data_cfg, info: dict, path: str, image_shape) -> None:
-  """Set data.mean / data.std / data.channel_order from the file where the config leaves
-  them at their defaults (data.std == (0.0,); channel_order "RGB"). Logs what it took, and
-  when the run's image size / crop differ from what the weights were made with."""
-  pre = info["preprocessing"]
-  channels = image_shape[-1]
+def settle_preprocessing(config) -> list[str]:
+  """When the config is resolved: data.mean / data.std / data.channel_order from the
+  model.pretrained file where the config leaves them at their defaults (data.std == (0.0,);
+  channel_order "RGB"), so config.json and the checkpoints record what the run uses.
+  Returns the lines saying what was taken (for the run's log). ConfigError for a file that
+  is missing, not ours, or of another model."""
+  path = resolve_path(config)
+  if not path:
+    return []
+  data_cfg = config.data
+  pre = read_info(path, config.model.name)["preprocessing"]
   taken = []
-  if channels == len(pre["mean"]):   # else the stem does not fit: load_variables says so
+  if len(catalog.DATASETS[data_cfg.dataset].mean) == len(pre["mean"]):
+    # (else the stem does not fit the data: load_variables says so)
     if data_cfg.channel_order == "RGB" and pre["channel_order"] != "RGB":
       data_cfg.channel_order = pre["channel_order"]
       taken.append(f"data.channel_order={pre['channel_order']}")
@@ -67,10 +75,17 @@ def fill_preprocessing(data_cfg, info: dict, path: str, image_shape) -> None:
       data_cfg.mean = tuple(float(v) for v in pre["mean"])
       data_cfg.std = tuple(float(v) for v in pre["std"])
       taken.append(f"data.mean={data_cfg.mean} data.std={data_cfg.std}")
-  if taken:
-    kept = (" (the config's data.mean/std are read in that order)"
-            if len(taken) == 1 and taken[0].startswith("data.channel_order") else "")
-    _log(f"{KEY}: {' '.join(taken)} taken from {path}{kept}")
+  if not taken:
+    return []
+  kept = (" (the config's data.mean/std are read in that order)"
+          if len(taken) == 1 and taken[0].startswith("data.channel_order") else "")
+  return [f"{KEY}: {' '.join(taken)} taken from {path}{kept}"]
+
+
+def report_differences(config, image_shape) -> None:
+  """Log where the run's image size / crop / interpolation differ from the file's."""
+  path, data_cfg = resolve_path(config), config.data
+  pre = read_info(path, config.model.name)["preprocessing"]
   differ = []
   if image_shape[0] != pre["image_size"]:
     differ.append(f"image_size {pre['image_size']} (this run: {image_shape[0]})")
@@ -83,13 +98,13 @@ def fill_preprocessing(data_cfg, info: dict, path: str, image_shape) -> None:
     _log(f"{KEY}: {path} was made for {', '.join(differ)}; keeping the config's")
 
 
-def load_variables(path: str, abstract_state, info: dict, *, num_classes: int,
-                   model_name: str, channels: int) -> dict:
+def load_variables(path: str, abstract_state, *, num_classes: int, model_name: str,
+                   channels: int) -> dict:
   """{collection: {path tuple: numpy array or None}} for every leaf of the state's params
   and batch_stats; None where the fresh init stays (the head, when the class counts differ).
   ConfigError naming the first leaf that is missing from the file or has another shape."""
   try:
-    variables, _ = weights_file.load(path)
+    variables, info = weights_file.load(path)
   except ValueError as e:
     raise _error(weights_file.first_line(e)) from None
   new_head = info["num_classes"] != num_classes

@@ -8,17 +8,21 @@ import time
 import jax
 import numpy as np
 
-from resnet_jax.config_schema import ConfigError
-from resnet_jax.data import datasets, image_folder, input_pipeline
-from resnet_jax.models import conv as conv_lib
-from resnet_jax.training import checkpoints, mesh as mesh_lib, optimizer, pretrained
-from resnet_jax.training import recipe, state as state_lib, steps
+from resnet_jax import lowering as lowering_lib
+from resnet_jax.data import input_pipeline
+from resnet_jax.errors import NonFiniteError, Preempted
+from resnet_jax.training import checkpoints, mesh as mesh_lib, pretrained, setup
+from resnet_jax.training import state as state_lib
 from resnet_jax.training.metrics_log import MetricsLog, log_main as _log
-from resnet_jax.training.preemption import Preempted, PreemptionWatcher
+from resnet_jax.training.preemption import PreemptionWatcher
 
 
-class NonFiniteError(FloatingPointError):
-  """Training produced NaN/Inf; the message names the step and the quantity."""
+def start_up_line(lowering) -> str:
+  """How this process computes: the lowering (and why, when "auto" fell back) and, on CPU,
+  the allocator setup (resnet_jax/cpu_speed/allocator.py)."""
+  line = f"lowering {lowering.name}" + (f" ({lowering.note})" if lowering.note else "")
+  process = lowering_lib.describe_process()
+  return f"{line}; {process}" if process else line
 
 
 def check_finite(step: int, metrics: dict, last_saved):
@@ -65,75 +69,39 @@ def _write_results(workdir: str, result: dict) -> None:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train `config` in `workdir` (resuming if it holds checkpoints); return final eval.
 
-  Raises Preempted (after saving) on SIGTERM/SIGINT and NonFiniteError on NaN/Inf.
+  `config` is resolved (config_cli.resolve). Raises Preempted (after saving) on
+  SIGTERM/SIGINT and NonFiniteError on NaN/Inf.
   """
   os.makedirs(workdir, exist_ok=True)
-  pretrained_path = pretrained.resolve_path(config)
-  pretrained_info = None
-  if pretrained_path:
-    # Checked before anything slow; the file's preprocessing may fill data keys (below), so
-    # the run works on a copy whose config.json and checkpoints record what was used.
-    pretrained_info = pretrained.read_info(pretrained_path, config.model.name)
-    config = config.copy_and_resolve_references()
-  data_cfg = config.data
-  mesh = mesh_lib.create_mesh(config.mesh)
+  data = setup.prepare_data(config)
+  if data.skipped_files:
+    _log(f"{config.data.image_folder}: {len(data.skipped_files)} corrupt image file(s) "
+         f"skipped when the dataset was prepared, e.g. {data.skipped_files[0]} (all listed "
+         f"in {data.builder.data_dir}/metadata.json)")
+  run = setup.build(config, data.inputs)
+  data_cfg, mesh, state_sharding = config.data, run.mesh, run.state_sharding
   nproc = jax.process_count()
-
-  builder = datasets.prepare_builder(data_cfg)
-  skipped = image_folder.skipped_files(builder) if data_cfg.dataset == "image_folder" else []
-  if skipped:
-    _log(f"{data_cfg.image_folder}: {len(skipped)} corrupt image file(s) skipped when the "
-         f"dataset was prepared, e.g. {skipped[0]} (all listed in {builder.data_dir}"
-         "/metadata.json)")
-  num_classes = builder.info.features["label"].num_classes
-  image_shape = input_pipeline.image_shape(builder, data_cfg)
-  if pretrained_info is not None:
-    pretrained.fill_preprocessing(data_cfg, pretrained_info, pretrained_path, image_shape)
-  mean, std = datasets.normalization(data_cfg)
-
-  splits = {}
-  for key, read in (
-      ("data.train_split", lambda: input_pipeline.train_split_info(builder, data_cfg)),
-      ("data.eval_split", lambda: input_pipeline.process_split(builder, data_cfg.eval_split,
-                                                               drop_remainder=False))):
-    try:
-      splits[key] = read()
-    except KeyError as e:
-      raise ConfigError(f"config key '{key}'={data_cfg[key.split('.')[1]]!r}: "
-                        f"{e.args[0]}") from e
-  train_split, eval_split = splits["data.train_split"], splits["data.eval_split"]
   batch = data_cfg.batch_size
   eval_batch = data_cfg.eval_batch_size or batch
-  steps_per_epoch = input_pipeline.train_steps_per_epoch(train_split, data_cfg, batch, nproc)
-  if steps_per_epoch == 0:
-    raise ConfigError(f"config key 'data.batch_size'={batch}: expected at most the "
-                      f"{train_split.num_examples_total} train examples of {data_cfg.dataset}")
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  steps_per_epoch, total_steps = data.inputs.steps_per_epoch, run.total_steps
   eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
-  num_eval_batches = input_pipeline.num_eval_batches(eval_split.num_examples_total, nproc,
-                                                     eval_batch // nproc)
+  num_eval_batches = data.num_eval_batches(eval_batch)
+  num_classes, image_shape = data.inputs.num_classes, data.inputs.image_shape
+  pretrained_path = pretrained.resolve_path(config)
 
-  model = recipe.create_model(config.model, num_classes)
-  schedule = optimizer.create_schedule(config.optimizer, config.schedule,
-                                       steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  tx = optimizer.create_optimizer(config.optimizer, schedule)
-
-  # Abstract state first: it gives the shardings, the jitted init and the restore target.
-  use_ema = config.optimizer.ema_decay > 0
-  init_fn = state_lib.make_init_fn(model, tx, (1,) + image_shape, config.seed, ema=use_ema)
-  abstract_state = jax.eval_shape(init_fn)
-  state_sharding = mesh_lib.state_shardings(abstract_state, mesh)
   ckpts = checkpoints.Checkpoints(workdir, config.checkpoint)
   identity = {"model": config.model.name, "dataset": data_cfg.dataset,
               "num_classes": num_classes}
   loaded = None
   try:
     state, start_step = ckpts.restore_latest(
-        checkpoints.abstract_with_shardings(abstract_state, state_sharding), expect=identity)
-    if state is None and pretrained_info is not None:
+        checkpoints.abstract_with_shardings(run.abstract_state, state_sharding),
+        expect=identity)
+    if pretrained_path:
+      pretrained.report_differences(config, image_shape)
+    if state is None and pretrained_path:
       # A fresh run only: resuming continues from the run's own checkpoint.
-      loaded = pretrained.load_variables(pretrained_path, abstract_state, pretrained_info,
+      loaded = pretrained.load_variables(pretrained_path, run.abstract_state,
                                          num_classes=num_classes, model_name=config.model.name,
                                          channels=image_shape[-1])
   except BaseException:
@@ -144,31 +112,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
     _log(f"resumed from {ckpts.directory}/{start_step}")
   else:
     start_step = 0
-    state = jax.jit(init_fn, out_shardings=state_sharding)()
+    state = run.init_state()
     if loaded is not None:
-      state = pretrained.apply(state, loaded, tx, state_sharding, ema=use_ema)
+      state = pretrained.apply(state, loaded, run.tx, state_sharding,
+                               ema=config.optimizer.ema_decay > 0)
   param_bytes, param_bytes_total = mesh_lib.bytes_per_device(state.params)
   _log(f"mesh {dict(mesh.shape)}: params take {param_bytes:,} of {param_bytes_total:,} bytes "
        "on each device")
   _log(f"model {config.model.name}: {state_lib.count_params(state.params):,} params; "
-       f"{config.data.dataset}: {train_split.num_examples_total} train / "
-       f"{eval_split.num_examples_total} eval examples; {jax.device_count()} devices on "
-       f"{nproc} process(es); {steps_per_epoch} steps/epoch, {total_steps} steps; conv "
-       f"lowering {conv_lib.resolve_impl()}")
+       f"{config.data.dataset}: {data.train_split.num_examples_total} train / "
+       f"{data.eval_split.num_examples_total} eval examples; {jax.device_count()} devices on "
+       f"{nproc} process(es); {steps_per_epoch} steps/epoch, {total_steps} steps")
+  _log(start_up_line(run.lowering))
 
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  replicated = mesh_lib.replicated(mesh)
-  compiler_options = conv_lib.compiler_options()
-  train_step = jax.jit(
-      recipe.make_train_step(config, model, tx, schedule, num_classes, mean, std),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,), compiler_options=compiler_options)
-  eval_steps = {
-      name: jax.jit(steps.make_eval_step(model, num_classes=num_classes, mean=mean, std=std,
-                                         use_ema=name == "eval_ema"),
-                    in_shardings=(state_sharding, batch_sharding), out_shardings=replicated,
-                    compiler_options=compiler_options)
-      for name in (("eval", "eval_ema") if use_ema else ("eval",))}
+  train_step, eval_steps = run.train_step, run.eval_steps
+  builder, eval_split = data.builder, data.eval_split
+  train_split = data.train_split
   eval_cache: dict = {}
   run_meta = dict(identity, config=config.to_dict(), code_version=checkpoints.code_version(),
                   devices=jax.device_count(), processes=nproc)

@@ -1,6 +1,6 @@
 """Compile a native helper once per machine into a shared cache, safely under concurrency.
 
-Used by the CPU kernels (`cpu_kernels/library.py`) and the big-buffer reuse library
+Used by the CPU kernels (`kernels/library.py`) and the big-buffer reuse library
 (`allocator.py`). Standard library only: allocator.py runs before anything else is imported.
 """
 

@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_jax.cpu_kernels import library
+from resnet_jax.cpu_speed.kernels import library
 
 
 def _ffi(target: str, out_shapes, *args, **attrs):

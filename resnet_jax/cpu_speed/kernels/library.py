@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from resnet_jax import native_build
+from resnet_jax.cpu_speed import native_build
 
 _HERE = Path(__file__).resolve().parent
 SOURCES = ("onednn_conv.cc", "channel_sums.cc", "max_pool.cc")

@@ -17,23 +17,35 @@ starts (glibc reads tunables, and the dynamic loader LD_PRELOAD, only then):
   turns it off; RESNET_JAX_BUFFER_REUSE_MIN_MIB (8) and RESNET_JAX_BUFFER_REUSE_MAX_MIB (a
   quarter of RAM: what may stay cached) tune it.
   It is compiled on first use with the machine's C compiler ($CC, cc or gcc) and cached
-  beside the CPU kernels; where that fails, the process runs without it and says why once.
+  beside the CPU kernels; where that fails, the process runs without it and its start-up
+  line says why.
 
-launch.sh exports the tunable, and the command-line entry points (`python -m resnet_jax`,
-`python -m resnet_jax.benchmark`, the experiments that time steps) re-execute themselves
-once (same PID, same arguments) with whatever is missing. This module imports nothing
-outside the standard library, so the PyTorch peer script can use it too.
+Both help XLA:CPU only, so they are for processes that will run on the CPU backend, decided
+before JAX starts (`runs_on_cpu`): JAX_PLATFORMS names only "cpu", or it is unset and no
+GPU/TPU plugin is installed (a `jax_plugins` module or entry point -- CUDA, ROCm -- or
+libtpu). A GPU or TPU job is never touched. Nor is a user's own LD_PRELOAD (tcmalloc,
+jemalloc) overridden: with one set, reuse stays off and the start-up line says so;
+RESNET_JAX_BUFFER_REUSE=1 puts ours ahead of it on purpose.
+
+The command-line entry points (`python -m resnet_jax`, `python -m resnet_jax.benchmark`,
+the experiments that time steps) call resnet_jax.lowering.prepare_process() first, which
+re-executes the process once (same PID, same arguments) with whatever is missing;
+`describe()` is the phrase their start-up line prints. This module imports nothing outside
+the standard library, so the PyTorch peer script can use it too.
 """
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from resnet_jax import native_build
+from resnet_jax.cpu_speed import native_build
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -101,8 +113,11 @@ def buffer_reuse_library() -> Path:
 def buffer_reuse_preloaded(env=None) -> bool:
   """Whether LD_PRELOAD (of this process, or `env`) names the buffer-reuse library."""
   env = os.environ if env is None else env
-  return any(Path(p).name.startswith(_LIBRARY_PREFIX)
-             for p in env.get("LD_PRELOAD", "").replace(":", " ").split())
+  return any(Path(p).name.startswith(_LIBRARY_PREFIX) for p in _preloads(env))
+
+
+def _preloads(env) -> list[str]:
+  return env.get("LD_PRELOAD", "").replace(":", " ").split()
 
 
 def buffer_reuse_active() -> bool:
@@ -114,37 +129,82 @@ def buffer_reuse_active() -> bool:
     return False
 
 
+def accelerator_plugins() -> list[str]:
+  """The GPU/TPU backends JAX would find installed, without importing JAX: modules of the
+  `jax_plugins` namespace package and `jax_plugins` entry points (CUDA, ROCm, ...), and
+  libtpu."""
+  found = set()
+  try:
+    spec = importlib.util.find_spec("jax_plugins")
+  except (ImportError, ValueError):
+    spec = None
+  if spec is not None and spec.submodule_search_locations:
+    found.update(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations))
+  found.update(ep.name for ep in importlib.metadata.entry_points(group="jax_plugins"))
+  try:
+    if importlib.util.find_spec("libtpu") is not None:
+      found.add("libtpu")
+  except (ImportError, ValueError):
+    pass
+  return sorted(found)
+
+
+def runs_on_cpu(env=None) -> bool:
+  """Whether a JAX process with `env` will run on the CPU backend: JAX_PLATFORMS names only
+  "cpu", or is unset and no accelerator plugin is installed."""
+  env = os.environ if env is None else env
+  platforms = [p.strip() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return all(p == "cpu" for p in platforms)
+  return not accelerator_plugins()
+
+
+_NOTE = "RESNET_JAX_BUFFER_REUSE_NOTE"   # why reuse is off, for the start-up line
+
+
 def describe() -> str:
-  """One phrase for benchmark headers."""
-  return (f"malloc huge pages {'on' if enabled() else 'off'}, "
-          f"buffer reuse {'on' if buffer_reuse_active() else 'off'}")
+  """This process's setup in one phrase, for start-up lines and benchmark headers."""
+  reuse = "on" if buffer_reuse_active() else "off"
+  if reuse == "off" and os.environ.get(_NOTE):
+    reuse += f" ({os.environ[_NOTE]})"
+  return f"malloc huge pages {'on' if enabled() else 'off'}, big-buffer reuse {reuse}"
 
 
 def wanted_env(env) -> dict:
-  """`env` plus what this machine supports and the user did not turn off. Build problems
-  of the reuse library are reported on stderr once and leave it out."""
+  """`env` plus what this machine supports and the user did not turn off, for a process
+  that will run on the CPU backend (else `env` unchanged). Why reuse stays off, when it
+  does, is kept in RESNET_JAX_BUFFER_REUSE_NOTE for `describe()`, and children do not retry."""
   env = dict(env)
+  if not runs_on_cpu(env):
+    return env
   if env.get("RESNET_JAX_HUGEPAGES", "1") != "0" and supported():
     env = with_tunable(env)
-  if env.get("RESNET_JAX_BUFFER_REUSE", "1") != "0" and not buffer_reuse_preloaded(env):
-    try:
-      library = str(buffer_reuse_library())
-      if any(c in library for c in " :"):    # LD_PRELOAD's own separators
-        raise BufferReuseUnavailable(f"its path {library!r} has a space or colon, which "
-                                     "LD_PRELOAD cannot take (set RESNET_JAX_KERNEL_CACHE)")
-    except BufferReuseUnavailable as e:
-      print(f"resnet_jax: big-buffer reuse off: {e}", file=sys.stderr, flush=True)
-      env["RESNET_JAX_BUFFER_REUSE"] = "0"   # said once; children do not retry
-    else:
-      current = env.get("LD_PRELOAD", "")
-      env["LD_PRELOAD"] = f"{library}:{current}" if current else library
+  reuse = env.get("RESNET_JAX_BUFFER_REUSE", "")
+  if reuse == "0" or buffer_reuse_preloaded(env):
+    return env
+  theirs = _preloads(env)
+  if theirs and reuse != "1":
+    env["RESNET_JAX_BUFFER_REUSE"] = "0"
+    env[_NOTE] = (f"LD_PRELOAD already holds {' '.join(theirs)}; RESNET_JAX_BUFFER_REUSE=1 "
+                  "puts ours ahead of it")
+    return env
+  try:
+    library = str(buffer_reuse_library())
+    if any(c in library for c in " :"):    # LD_PRELOAD's own separators
+      raise BufferReuseUnavailable(f"its path {library!r} has a space or colon, which "
+                                   "LD_PRELOAD cannot take (set RESNET_JAX_KERNEL_CACHE)")
+  except BufferReuseUnavailable as e:
+    env["RESNET_JAX_BUFFER_REUSE"] = "0"
+    env[_NOTE] = str(e)
+  else:
+    env["LD_PRELOAD"] = ":".join([library] + theirs)
   return env
 
 
 def reexec_if_missing() -> None:
-  """First thing under `if __name__ == "__main__"`: restart this command with what
-  `wanted_env` adds, when anything is missing. Never call it from library code (it replaces
-  the running process)."""
+  """Restart this command with what `wanted_env` adds, when anything is missing. Call it
+  through resnet_jax.lowering.prepare_process(), first thing in a `__main__`; never from
+  library code (it replaces the running process)."""
   env = wanted_env(os.environ)
   if all(env.get(k) == os.environ.get(k) for k in ("LD_PRELOAD", "GLIBC_TUNABLES")):
     os.environ.update(env)    # at most the opt-out marker changed: a restart would add nothing

@@ -1,0 +1,56 @@
+"""The datasets we know: what each is called in TFDS, its statistics, and its quirks.
+
+Plain data, no TensorFlow: the config checks read it before anything heavy is imported.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  tfds_name: str
+  # Per-channel normalisation in 0..255 units, applied on device.
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  # Whether TFDS can prepare it with no manual files and no network.
+  offline: bool = False
+  # Images of many sizes: batches need data.preprocess="imagenet" (crop to image_size).
+  variable_size: bool = False
+  # Splits whose labels are all -1 (not for evaluation).
+  unlabeled_splits: tuple[str, ...] = ()
+
+
+DATASETS = {
+    "sklearn_digits": DatasetSpec("sklearn_digits", mean=(78.0,), std=(96.0,), offline=True),
+    "mnist": DatasetSpec("mnist", mean=(33.3,), std=(78.6,)),
+    "fashion_mnist": DatasetSpec("fashion_mnist", mean=(72.9,), std=(90.0,)),
+    "cifar10": DatasetSpec("cifar10", mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7)),
+    "cifar100": DatasetSpec("cifar100", mean=(129.3, 124.1, 112.4), std=(68.2, 65.4, 70.4)),
+    # A user's folder of images (see image_folder.py); ImageNet statistics unless the config
+    # sets data.mean / data.std.
+    "image_folder": DatasetSpec("image_folder", mean=(123.7, 116.3, 103.5),
+                                std=(58.4, 57.1, 57.4), offline=True),
+    # ILSVRC2012 through TFDS's own builder, prepared from the official tars in
+    # data.manual_dir (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar). Examples stay
+    # JPEG-encoded; imagenet_preprocess.py crops them. torchvision's statistics.
+    "imagenet2012": DatasetSpec("imagenet2012", mean=(123.675, 116.28, 103.53),
+                                std=(58.395, 57.12, 57.375), variable_size=True,
+                                unlabeled_splits=("test",)),
+}
+
+# What data.manual_dir must hold (at least one of) to prepare a dataset, where TFDS would
+# otherwise fail with a multi-line assertion.
+MANUAL_FILES = {
+    "imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+}
+
+
+def normalization(data_cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) in 0..255 units, in the batches' channel order: the config's when set
+  (taken as given), else the dataset's (RGB, reversed for channel_order "BGR")."""
+  spec = DATASETS[data_cfg.dataset]
+  if tuple(data_cfg.std) != (0.0,):
+    return tuple(data_cfg.mean), tuple(data_cfg.std)
+  if data_cfg.channel_order == "BGR":
+    return spec.mean[::-1], spec.std[::-1]
+  return spec.mean, spec.std
