@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # resnet_jax launcher.
 #   ./launch.sh                          train the default experiment (configs/digits_resnet20.py)
-#   ./launch.sh CONFIG [--config.k=v ...] [--workdir=DIR]   train any config file
+#   ./launch.sh CONFIG[:ARG] [--config.k=v ...] [--workdir=DIR]   train any config file
 #   ./launch.sh test [PYTEST_ARGS ...]   run the test suite
 #   ./launch.sh setup                    only create/refresh the environment
 #   NPROC=N ./launch.sh CONFIG ...       N local processes (coordinator on localhost)
@@ -41,13 +41,6 @@ run() {
   exec "$VENV/bin/python" -m resnet_jax "$@"
 }
 
-# Back malloc with transparent huge pages: XLA:CPU re-faults every page of its step buffers
-# otherwise (resnet_jax/allocator.py; the Python entry points also preload its big-buffer
-# reuse library themselves). RESNET_JAX_HUGEPAGES=0 leaves the tunable alone.
-if [ "${RESNET_JAX_HUGEPAGES:-1}" != 0 ] && [[ ":${GLIBC_TUNABLES:-}:" != *":glibc.malloc.hugetlb=1:"* ]]; then
-  export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
-fi
-
 # Quiet TensorFlow's C++ logging (it is only used for tf.data and TensorBoard files).
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
@@ -86,8 +79,10 @@ case "${1:-}" in
     ;;
   *)
     config="$1"; shift
-    if [ ! -f "$config" ]; then
-      echo "launch.sh: error: config file '$config' not found (expected e.g. configs/digits_resnet20.py)" >&2
+    file="${config%%.py:*}"                     # configs/x.py:arg -> configs/x
+    [ "$file" != "$config" ] && file="$file.py"
+    if [ ! -f "$file" ]; then
+      echo "launch.sh: error: config file '$file' not found (expected e.g. configs/digits_resnet20.py)" >&2
       exit 2
     fi
     setup_env

@@ -10,7 +10,16 @@ from resnet_jax.config_schema import _flatten, base_config, check_keys_and_types
 from resnet_jax.errors import ConfigError
 
 
+def split_config_arg(path: str) -> tuple[str, str | None]:
+  """`configs/x.py:arg` -> ("configs/x.py", "arg"); a plain path -> (path, None)."""
+  file, sep, arg = path.rpartition(".py:")
+  return (file + ".py", arg) if sep else (path, None)
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of a config file's `get_config()`, or of `get_config(arg)` for
+  `FILE.py:arg` (one file, several experiments: big_vision's convention)."""
+  path, arg = split_config_arg(path)
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location(
@@ -22,10 +31,11 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config()")
+  call = f"get_config({arg!r})" if arg is not None else "get_config()"
   try:
-    config = module.get_config()
+    config = module.get_config(arg) if arg is not None else module.get_config()
   except Exception as e:
-    raise ConfigError(f"{path}: get_config() failed: {type(e).__name__}: {e}") from e
+    raise ConfigError(f"{path}: {call} failed: {type(e).__name__}: {e}") from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
   return config

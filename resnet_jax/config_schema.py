@@ -6,10 +6,20 @@ whether it came from the file or from a `--config.key=value` override.
 """
 
 import difflib
+import os
 
 import ml_collections
 
 from resnet_jax.errors import ConfigError
+
+
+DATA_ROOT_DEFAULT = "~/resnet_jax_data"
+
+
+def data_root() -> str:
+  """Where configs find dataset files that TFDS cannot download for them (e.g. the JPEG
+  copy of CIFAR-10): $RESNET_JAX_DATA, default ~/resnet_jax_data."""
+  return os.path.expanduser(os.environ.get("RESNET_JAX_DATA") or DATA_ROOT_DEFAULT)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -80,7 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = "cosine"          # cosine | step | constant
   c.schedule.warmup_epochs = 0.0
+  c.schedule.warmup_steps = 0         # > 0: the warm-up's length in steps (over warmup_epochs)
+  c.schedule.warmup_shape = "linear"  # linear: 0 -> peak; constant: warmup_factor x peak
+  c.schedule.warmup_factor = 0.1      # constant warm-up: this fraction of the peak
   c.schedule.decay_epochs = (0.0,)    # step: epochs at which lr *= decay_factor
+  c.schedule.decay_steps = (0,)       # step: the same in steps (over decay_epochs when set)
   c.schedule.decay_factor = 0.1
 
   c.num_epochs = 1.0
@@ -110,6 +124,7 @@ _CHOICES = {
     "lowering": ("auto", "native", "onednn", "cpu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "schedule.name": ("cosine", "step", "constant"),
+    "schedule.warmup_shape": ("linear", "constant"),
     "nan_policy": ("stop", "skip"),
     "data.corrupt_images": ("skip", "error"),
     "data.process_sharding": ("batch", "split"),
@@ -215,6 +230,10 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
   need(config.optimizer.weight_decay >= 0, "optimizer.weight_decay", ">= 0")
   need(0 <= config.optimizer.label_smoothing < 1, "optimizer.label_smoothing", "in [0, 1)")
   need(config.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", ">= 0")
+  need(config.schedule.warmup_steps >= 0, "schedule.warmup_steps", ">= 0")
+  need(0 < config.schedule.warmup_factor <= 1, "schedule.warmup_factor", "in (0, 1]")
+  need(list(config.schedule.decay_steps) == sorted(config.schedule.decay_steps),
+       "schedule.decay_steps", "increasing steps")
   need(0 < config.schedule.decay_factor <= 1, "schedule.decay_factor", "in (0, 1]")
   need(list(config.schedule.decay_epochs) == sorted(config.schedule.decay_epochs),
        "schedule.decay_epochs", "increasing epochs")

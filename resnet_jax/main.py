@@ -10,13 +10,16 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from resnet_jax.config_cli import parse_args, resolve  # noqa: E402
+from resnet_jax.config_cli import parse_args, resolve, split_config_arg  # noqa: E402
 from resnet_jax.config_schema import check_values  # noqa: E402
 from resnet_jax.errors import ConfigError, NonFiniteError, Preempted  # noqa: E402
 
 
 def default_workdir(config_path: str) -> str:
-  return os.path.join("experiments", "runs", os.path.splitext(os.path.basename(config_path))[0])
+  """experiments/runs/<config file name>[_<arg>]: one folder per experiment."""
+  path, arg = split_config_arg(config_path)
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("experiments", "runs", f"{name}_{arg}" if arg else name)
 
 
 def check_workdir(workdir: str) -> None:

@@ -118,12 +118,44 @@ def test_bad_config_files(tmp_path, capsys):
     assert code == 2 and expected in err[-1], (argv, err)
 
 
+@pytest.mark.parametrize("manual_dir", [False, True])
+def test_a_failed_download_says_which_files_manual_dir_must_hold(manual_dir, tmp_path,
+                                                                 capsys, monkeypatch):
+  """TFDS's own download is tried as users expect; only when it fails (simulated here:
+  tests never download) one line names the files data.manual_dir must hold."""
+  import requests
+  import tensorflow_datasets as tfds
+  tried = []
+
+  def offline(builder, download_config=None, **kwargs):
+    tried.append((builder.name, download_config.manual_dir))
+    raise requests.exceptions.ConnectionError(
+        "HTTPSConnectionPool(host='storage.googleapis.com', port=443): Max retries exceeded"
+        "\n(more lines TFDS would print)")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+  extra = [f"--config.data.manual_dir={tmp_path}"] if manual_dir else []
+  code = cli.main([CFG, "--config.data.dataset=mnist", f"--config.data.data_dir={tmp_path}/d",
+                   *extra, f"--workdir={tmp_path}/w"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and tried == [("mnist", str(tmp_path) if manual_dir else None)]
+  files = ("train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+           "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
+  where = (f"{tmp_path} must hold {files}" if manual_dir else
+           f"put {files} in a folder and set --config.data.manual_dir=FOLDER")
+  assert err == [f"resnet_jax: error: dataset 'mnist' could not be prepared in {tmp_path}/d "
+                 "(ConnectionError: HTTPSConnectionPool(host='storage.googleapis.com', "
+                 f"port=443): Max retries exceeded); {where}"], err
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("extra,expected", [
-    # mnist is not prepared in an empty data_dir, and this machine cannot download it
-    (["--config.data.dataset=mnist", "--config.data.data_dir={tmp}/empty"],
-     "dataset 'mnist' is not prepared in {tmp}/empty"),
     (["--config.data.dataset=mnist", "--config.data.data_dir={tmp}/empty",
-      "--config.data.manual_dir={tmp}/no_such_dir"], "'data.manual_dir'"),
+      "--config.data.manual_dir={tmp}/no_such_dir"],
+     "'data.manual_dir': {tmp}/no_such_dir does not exist"),
+    (["--config.data.dataset=mnist", "--config.data.data_dir={tmp}/empty",
+      f"--config.data.manual_dir={DEFAULT_CONFIG}"],
+     f"'data.manual_dir': {DEFAULT_CONFIG} is not a directory"),
     (["--config.data.data_dir=/proc/no_such_data_dir"], "'data.data_dir'"),
     (["--workdir=/proc/no_such_workdir"], "workdir /proc/no_such_workdir is not writable"),
 ])

@@ -103,3 +103,26 @@ def test_schedules_hit_their_landmarks():
   assert np.isclose(float(step(29)), 0.4)
   assert np.isclose(float(step(30)), 0.04)          # boundaries are absolute steps
   assert np.isclose(float(step(60)), 0.004)
+
+
+def test_the_papers_cifar_schedule_in_steps_with_a_constant_warm_up():
+  """ResNet-110's recipe (He et al. 2015): 0.01 until step 400, then 0.1, divided by 10 at
+  32k and 48k iterations: every boundary in absolute steps."""
+  cfg = base_config()
+  cfg.schedule.name = "step"
+  cfg.schedule.decay_steps = (32_000, 48_000)
+  cfg.schedule.decay_epochs = (1.0,)          # ignored: decay_steps is set
+  cfg.schedule.warmup_steps = 400
+  cfg.schedule.warmup_shape = "constant"
+  cfg.schedule.warmup_factor = 0.1
+  lr = optimizer.create_schedule(cfg.optimizer, cfg.schedule, steps_per_epoch=390,
+                                 total_steps=64_000)
+  expected = {0: 0.01, 399: 0.01, 400: 0.1, 31_999: 0.1, 32_000: 0.01, 47_999: 0.01,
+              48_000: 0.001, 63_999: 0.001}
+  for step, value in expected.items():
+    assert np.isclose(float(lr(step)), value), (step, float(lr(step)))
+  cfg.schedule.name = "cosine"                 # a constant warm-up before a cosine too
+  cosine = optimizer.create_schedule(cfg.optimizer, cfg.schedule, steps_per_epoch=390,
+                                     total_steps=1400)
+  assert np.isclose(float(cosine(399)), 0.01) and np.isclose(float(cosine(400)), 0.1)
+  assert np.isclose(float(cosine(900)), 0.05) and float(cosine(1400)) < 1e-6

@@ -85,8 +85,9 @@ def test_eight_devices_give_the_same_losses_as_one(data_dir, tmp_path):
                     reason="../shared/data/fashion_mnist not present")
 def test_official_tfds_fashion_mnist_builder_from_manual_dir(tmp_path):
   cfg = config_cli.load_config_file(os.path.join(os.path.dirname(DEFAULT_CONFIG),
-                                                 "fashion_mnist_resnet20.py"))
+                                                 "mnist_resnet20.py:fashion_mnist"))
   config_cli.apply_overrides(cfg, {"data.data_dir": str(tmp_path / "tfds"),
+                                   "data.manual_dir": os.path.join(SHARED_DATA, "fashion_mnist"),
                                    "model.name": "resnet8", "num_train_steps": "40",
                                    "schedule.name": "constant", "schedule.warmup_epochs": "0",
                                    "optimizer.learning_rate": "0.05",

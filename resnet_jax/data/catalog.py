@@ -14,18 +14,29 @@ class DatasetSpec:
   std: tuple[float, ...]
   # Whether TFDS can prepare it with no manual files and no network.
   offline: bool = False
+  # The files TFDS prepares it from: downloaded, or found in data.manual_dir.
+  files: tuple[str, ...] = ()
+  # Whether TFDS cannot download it at all (data.manual_dir must hold `files`).
+  manual_only: bool = False
   # Images of many sizes: batches need data.preprocess="imagenet" (crop to image_size).
   variable_size: bool = False
   # Splits whose labels are all -1 (not for evaluation).
   unlabeled_splits: tuple[str, ...] = ()
 
 
+# The official files, as TFDS's mnist and fashion_mnist builders name them.
+_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
 DATASETS = {
     "sklearn_digits": DatasetSpec("sklearn_digits", mean=(78.0,), std=(96.0,), offline=True),
-    "mnist": DatasetSpec("mnist", mean=(33.3,), std=(78.6,)),
-    "fashion_mnist": DatasetSpec("fashion_mnist", mean=(72.9,), std=(90.0,)),
-    "cifar10": DatasetSpec("cifar10", mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7)),
-    "cifar100": DatasetSpec("cifar100", mean=(129.3, 124.1, 112.4), std=(68.2, 65.4, 70.4)),
+    "mnist": DatasetSpec("mnist", mean=(33.3,), std=(78.6,), files=_MNIST_FILES),
+    "fashion_mnist": DatasetSpec("fashion_mnist", mean=(72.9,), std=(90.0,),
+                                 files=_MNIST_FILES),
+    "cifar10": DatasetSpec("cifar10", mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7),
+                           files=("cifar-10-binary.tar.gz",)),
+    "cifar100": DatasetSpec("cifar100", mean=(129.3, 124.1, 112.4), std=(68.2, 65.4, 70.4),
+                            files=("cifar-100-binary.tar.gz",)),
     # A user's folder of images (see image_folder.py); ImageNet statistics unless the config
     # sets data.mean / data.std.
     "image_folder": DatasetSpec("image_folder", mean=(123.7, 116.3, 103.5),
@@ -35,13 +46,8 @@ DATASETS = {
     # JPEG-encoded; imagenet_preprocess.py crops them. torchvision's statistics.
     "imagenet2012": DatasetSpec("imagenet2012", mean=(123.675, 116.28, 103.53),
                                 std=(58.395, 57.12, 57.375), variable_size=True,
-                                unlabeled_splits=("test",)),
-}
-
-# What data.manual_dir must hold (at least one of) to prepare a dataset, where TFDS would
-# otherwise fail with a multi-line assertion.
-MANUAL_FILES = {
-    "imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+                                unlabeled_splits=("test",), manual_only=True,
+                                files=("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")),
 }
 
 

@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 
 from resnet_jax.data import image_folder
 from resnet_jax.data import sklearn_digits  # noqa: F401  (registers the builder)
-from resnet_jax.data.catalog import DATASETS, MANUAL_FILES, DatasetSpec, normalization  # noqa: F401
+from resnet_jax.data.catalog import DATASETS, DatasetSpec, normalization  # noqa: F401
 from resnet_jax.errors import ConfigError
 
 
@@ -17,7 +17,9 @@ def resolve_data_dir(data_dir: str) -> str:
 
 
 def prepare_builder(data_cfg) -> tfds.core.DatasetBuilder:
-  """The dataset's TFDS builder, prepared in data_dir (from manual_dir files if given)."""
+  """The dataset's TFDS builder, prepared in data_dir the first time: by TFDS's own download,
+  or from the files in data.manual_dir when it is set (ImageNet: always). Where that fails,
+  one line (ConfigError) saying which files data.manual_dir must hold."""
   spec = DATASETS[data_cfg.dataset]
   data_dir = resolve_data_dir(data_cfg.data_dir)
   if data_cfg.dataset == "image_folder":
@@ -35,19 +37,34 @@ def prepare_builder(data_cfg) -> tfds.core.DatasetBuilder:
     return builder
   manual_dir = os.path.expanduser(data_cfg.manual_dir) if data_cfg.manual_dir else None
   if manual_dir is not None and not os.path.isdir(manual_dir):
-    raise ConfigError(f"config key 'data.manual_dir': directory {manual_dir} does not exist")
-  if manual_dir is None and not spec.offline:
-    raise ConfigError(
-        f"dataset '{data_cfg.dataset}' is not prepared in {data_dir} and no "
-        "data.manual_dir was given to prepare it from (this machine cannot download)")
-  needed = MANUAL_FILES.get(data_cfg.dataset, ())
-  if needed and not any(os.path.isfile(os.path.join(manual_dir, f)) for f in needed):
-    raise ConfigError(f"config key 'data.manual_dir': {manual_dir} holds none of "
-                      f"{', '.join(needed)} needed to prepare '{data_cfg.dataset}'")
+    what = "is not a directory" if os.path.exists(manual_dir) else "does not exist"
+    raise ConfigError(f"config key 'data.manual_dir': {manual_dir} {what}")
+  needs = (f"{', '.join(spec.files[:-1])} and {spec.files[-1]}" if len(spec.files) > 1
+           else "".join(spec.files))
+  if spec.manual_only:
+    if manual_dir is None or not any(os.path.isfile(os.path.join(manual_dir, f))
+                                     for f in spec.files):
+      held = f"{manual_dir} holds none of them" if manual_dir else "it is not set"
+      raise ConfigError(f"config key 'data.manual_dir': dataset '{data_cfg.dataset}' is "
+                        f"prepared from {needs}, which TFDS cannot download; {held}")
   try:
     os.makedirs(data_dir, exist_ok=True)
   except OSError as e:
     raise ConfigError(f"config key 'data.data_dir': cannot create {data_dir}: {e}") from e
-  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-  builder.download_and_prepare(download_config=download_config)
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except Exception as e:  # noqa: BLE001 -- a failed download or unusable files: say which
+    if spec.offline or not spec.files:
+      raise
+    cause = f"{type(e).__name__}: {first_line(e)}"
+    where = (f"{manual_dir} must hold {needs}" if manual_dir else
+             f"put {needs} in a folder and set --config.data.manual_dir=FOLDER")
+    raise ConfigError(f"dataset '{data_cfg.dataset}' could not be prepared in {data_dir} "
+                      f"({cause}); {where}") from e
   return builder
+
+
+def first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else ""

@@ -1,5 +1,8 @@
-"""`python -m resnet_jax.models [NAME ...] [--markdown]`: every model with its parameter count,
-its multiply-accumulates per image, and what it is proven equal to.
+"""`python -m resnet_jax.models [NAME ...] [--markdown | --names]`: every model with its
+parameter count, its multiply-accumulates per image, and what it is proven equal to.
+
+`--names` lists the names alone, at once (the full table traces every model: minutes);
+`--markdown` prints the table docs/models.md holds.
 
 MACs: "XLA" is XLA's cost analysis of the forward pass (it skips multiply-adds with zero
 padding); "all" counts every conv/dense position (the convention of torchvision's published
@@ -58,14 +61,20 @@ def describe(name: str) -> dict:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("names", nargs="*", help="model names (default: all)")
-  p.add_argument("--markdown", action="store_true", help="print a markdown table")
+  how = p.add_mutually_exclusive_group()
+  how.add_argument("--markdown", action="store_true", help="print a markdown table")
+  how.add_argument("--names", dest="names_only", action="store_true",
+                   help="only the names, one per line (instant)")
   args = p.parse_args(argv)
   names = args.names or models.list_models()
   unknown = [n for n in names if n not in models.MODEL_SPECS]
   if unknown:
-    print(f"models: error: unknown model {unknown[0]!r}; `python -m resnet_jax.models` "
-          "lists them", file=sys.stderr)
+    print(f"models: error: unknown model {unknown[0]!r}; `python -m resnet_jax.models "
+          "--names` lists them", file=sys.stderr)
     return 2
+  if args.names_only:
+    print("\n".join(names))
+    return 0
   if args.markdown:
     print("| name | input | params | GMACs (XLA) | GMACs (all) | proven against |")
     print("| --- | --- | ---: | ---: | ---: | --- |")
