@@ -10,7 +10,8 @@ Recognition", Sec. 4.2): Table 6, Fig. 6 (plain vs residual), one config for eve
       --config.schedule.decay_steps=1500,2250       # a compressed schedule (B = 3000)
 
 Arguments: MODEL[,jpeg]; MODEL is resnet{20,32,44,56,110,1202}, their option-B twins
-resnetN_b, or the plain twins plain{20,32,44,56,110,1202}.
+resnetN_b, or the plain twins plain{20,32,44,56,110,1202} (and the 8-layer members, for
+quick tests).
 
 Recipe (the paper's): batch 128, SGD momentum 0.9, weight decay 1e-4, learning rate 0.1,
 divided by 10 at 32k and 48k iterations, stopped at 64k; 4-pixel zero pad, random 32x32
@@ -37,7 +38,7 @@ import re
 
 from resnet_jax.config_schema import base_config, data_root
 
-DEPTHS = (20, 32, 44, 56, 110, 1202)
+DEPTHS = (8, 20, 32, 44, 56, 110, 1202)
 MODELS = tuple(f"{kind}{d}{suffix}" for d in DEPTHS
                for kind, suffix in (("resnet", ""), ("resnet", "_b"), ("plain", "")))
 STEPS_PER_DECAY = (32_000, 48_000)

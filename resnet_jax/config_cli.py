@@ -2,12 +2,55 @@
 
 import ast
 import importlib.util
+import json
 import os
 
 import ml_collections
 
 from resnet_jax.config_schema import _flatten, base_config, check_keys_and_types, suggest
 from resnet_jax.errors import ConfigError
+
+
+def config_from_dict(values: dict, source: str) -> ml_collections.ConfigDict:
+  """A config from its resolved JSON form (a run's config.json, a checkpoint's metadata):
+  the schema's base with every recorded key set, lists back to tuples. ConfigError naming
+  `source` for a key the schema does not know."""
+  config = base_config()
+  schema = _flatten(config)
+  for key, value in _flatten_plain(values).items():
+    if key not in schema:
+      raise ConfigError(f"{source}: unknown config key '{key}' (recorded by another version "
+                        "of resnet_jax?)")
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+  check_keys_and_types(config)
+  return config
+
+
+def _flatten_plain(values: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      out.update(_flatten_plain(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def load_recorded(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run recorded in its workdir (config.json)."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      values = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"{workdir} holds no config.json (not a run's workdir?)") from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{path} cannot be read: {e}") from None
+  return config_from_dict(values, path)
 
 
 def split_config_arg(path: str) -> tuple[str, str | None]:
@@ -104,6 +147,17 @@ def resolve(path: str, overrides: dict[str, str]) -> tuple[ml_collections.Config
   apply_overrides(config, overrides)
   check_keys_and_types(config)
   return config, pretrained.settle_preprocessing(config)
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+  """`--config.KEY=VALUE` arguments as {KEY: VALUE}; ConfigError for anything else."""
+  overrides = {}
+  for arg in args:
+    if not (arg.startswith("--config.") and "=" in arg):
+      raise ConfigError(f"cannot parse argument {arg!r}; expected --config.KEY=VALUE")
+    key, value = arg[len("--config."):].split("=", 1)
+    overrides[key] = value
+  return overrides
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict[str, str], dict[str, str]]:

@@ -104,7 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
                                       #   workdir's latest checkpoint) and stop: no training,
                                       #   no checkpoint written (results.json is)
   c.eval_every_epochs = 1.0
-  c.log_every_steps = 50
+  c.log_every_steps = 50              # train metrics: means over the steps between lines
+  c.log_grad_norms = "none"           # none | stage | block: also log each one's gradient norm
   c.nan_policy = "stop"               # non-finite loss/grads/params: stop | skip (and count)
 
   c.checkpoint = ml_collections.ConfigDict()
@@ -126,6 +127,7 @@ _CHOICES = {
     "schedule.name": ("cosine", "step", "constant"),
     "schedule.warmup_shape": ("linear", "constant"),
     "nan_policy": ("stop", "skip"),
+    "log_grad_norms": ("none", "stage", "block"),
     "data.corrupt_images": ("skip", "error"),
     "data.process_sharding": ("batch", "split"),
     "data.preprocess": ("cifar", "imagenet"),

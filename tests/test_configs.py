@@ -65,6 +65,7 @@ TABLE_6 = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.8
 @pytest.mark.parametrize("model", sorted(TABLE_6))
 def test_the_cifar10_config_builds_every_row_of_table_6(model):
   config = config_cli.load_config_file(os.path.join(REPO, "configs", f"cifar10.py:{model}"))
+  assert model in models.MODEL_SPECS
   assert config.data.dataset == "cifar10" and config.num_train_steps == 64_000
   assert tuple(config.schedule.decay_steps) == (32_000, 48_000)
   warm = model in ("resnet110", "resnet1202")

@@ -42,6 +42,32 @@ def test_short_real_run_on_digits_learns(data_dir, tmp_path):
   assert os.path.isfile(tmp_path / "config.json") and os.path.isdir(tmp_path / "tensorboard")
 
 
+def test_train_lines_are_interval_means_and_grad_norms_are_logged_per_stage(data_dir,
+                                                                           tmp_path):
+  """log_every_steps=4 logs, at steps 4 and 8, the means of the per-step values an identical
+  run logs every step (learning rate and param norm: the step's own); log_grad_norms=stage
+  adds the norm of every stage's gradients, whose squares sum to the whole gradient's."""
+  common = {"model.name": "resnet8", "num_train_steps": 8, "eval_every_epochs": 100,
+            "log_grad_norms": "stage"}
+  each, means = str(tmp_path / "each"), str(tmp_path / "means")
+  trainer.train_and_evaluate(_config(data_dir, log_every_steps=1, **common), each)
+  trainer.train_and_evaluate(_config(data_dir, log_every_steps=4, **common), means)
+  per_step, logged = read_metrics(each), read_metrics(means)
+  assert [m["step"] for m in logged] == [4, 8]
+  groups = ["grad_norm/stem", "grad_norm/stage1", "grad_norm/stage2", "grad_norm/stage3",
+            "grad_norm/head"]
+  for m in per_step:
+    assert set(groups) <= set(m) and not any(k.startswith("grad_norm/stage1_") for k in m)
+    np.testing.assert_allclose(np.sqrt(sum(m[g] ** 2 for g in groups)), m["grad_norm"],
+                               rtol=1e-5)
+  for line, window in zip(logged, (per_step[:4], per_step[4:])):
+    for key in ("loss", "accuracy", "grad_norm", *groups):
+      np.testing.assert_allclose(line[key], np.mean([m[key] for m in window]), rtol=1e-5,
+                                 err_msg=key)
+    for key in ("learning_rate", "param_norm"):
+      assert line[key] == window[-1][key], key
+
+
 def test_stop_and_rerun_resumes_at_step_k_and_matches_uninterrupted(data_dir, tmp_path):
   common = {"model.name": "resnet8", "num_train_steps": 12, "log_every_steps": 1,
             "checkpoint.every_steps": 100, "eval_every_epochs": 100}

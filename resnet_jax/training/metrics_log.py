@@ -15,6 +15,34 @@ def log_main(msg: str):
     print(msg, flush=True)
 
 
+# Train metrics that describe the logged step itself; every other one is averaged over the
+# steps since the previous line (a single batch's loss is noise).
+POINT_METRICS = ("learning_rate", "param_norm", "skipped_steps")
+
+
+class IntervalMeans:
+  """Train metrics summed step by step, read as means over the interval since the last read
+  (the point metrics: the latest step's)."""
+
+  def __init__(self):
+    self._sums, self._count, self._last = {}, 0, {}
+
+  def add(self, values: dict) -> None:
+    for key, value in values.items():
+      value = float(value)
+      self._last[key] = value
+      if key not in POINT_METRICS:
+        self._sums[key] = self._sums.get(key, 0.0) + value
+    self._count += 1
+
+  def take(self) -> dict:
+    """The interval's means (and the latest point values); starts a new interval."""
+    out = {k: (v if k in POINT_METRICS else self._sums[k] / self._count)
+           for k, v in self._last.items()}
+    self._sums, self._count, self._last = {}, 0, {}
+    return out
+
+
 def _fmt(value):
   if isinstance(value, float):
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
@@ -53,7 +81,9 @@ class MetricsLog:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    line = f"[{prefix} step {step}] " + ", ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
+    # Grouped values (grad_norm/stage1, ...) go to the files only: the line stays readable.
+    line = f"[{prefix} step {step}] " + ", ".join(f"{k}={_fmt(v)}" for k, v in scalars.items()
+                                                   if "/" not in k)
     if prefix == "train":
       eta = self.eta_seconds(step)
       if eta == eta:  # not nan

@@ -142,7 +142,8 @@ def make_train_step(config, model, tx, schedule, inputs: Inputs) -> Callable:
                                mean=inputs.mean, std=inputs.std,
                                skip_nonfinite=config.nan_policy == "skip",
                                grad_accum_steps=config.optimizer.grad_accum_steps,
-                               ema_decay=config.optimizer.ema_decay)
+                               ema_decay=config.optimizer.ema_decay,
+                               grad_norm_groups=config.log_grad_norms)
 
 
 def build(config, inputs: Inputs, *, mesh: Mesh | None = None,

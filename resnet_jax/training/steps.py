@@ -22,16 +22,36 @@ def _micro_batches(x, k: int):
   return x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
 
 
+def grad_norm_group(name: str, level: str) -> str:
+  """The group a top-level parameter collection belongs to: "stem", "stageN" (level
+  "stage") or "stageN_blockM" (level "block"), "final", "head"."""
+  if name.startswith("stem"):
+    return "stem"
+  if name.startswith("stage"):
+    return name if level == "block" else name.split("_")[0]
+  return "final" if name == "final_bn" else name
+
+
+def grouped_grad_norms(grads, level: str) -> dict:
+  """{"grad_norm/<group>": L2 norm of the group's gradients} in forward order."""
+  groups: dict[str, list] = {}
+  for name in grads:
+    groups.setdefault(grad_norm_group(name, level), []).append(grads[name])
+  return {f"grad_norm/{g}": optax.tree.norm(trees) for g, trees in groups.items()}
+
+
 def make_train_step(model, tx, schedule, *, num_classes: int, label_smoothing: float,
                     mean, std, skip_nonfinite: bool = False, grad_accum_steps: int = 1,
-                    ema_decay: float = 0.0):
+                    ema_decay: float = 0.0, grad_norm_groups: str = "none"):
   """skip_nonfinite: an update whose loss, gradients or resulting params are not finite is
   rejected (state unchanged but for step and skipped_steps), instead of poisoning the run.
   grad_accum_steps=K: gradients are averaged over K micro-batches of B/K before one update;
   BatchNorm normalises each micro-batch by its own statistics and its running averages are
   updated K times (as K sequential forward passes would).
   ema_decay > 0: the state also tracks an exponential moving average of params and BN
-  statistics."""
+  statistics.
+  grad_norm_groups "stage" / "block": the metrics also hold the gradient norm of every stage
+  (or block), the stem and the head, as "grad_norm/<group>"."""
 
   def loss_and_grads(params, batch_stats, images, labels, rng):
     def loss_fn(params):
@@ -95,6 +115,8 @@ def make_train_step(model, tx, schedule, *, num_classes: int, label_smoothing: f
         "param_norm": param_norm,    # of the updated params: catches an overflowing update
         "skipped_steps": new_state.skipped_steps,
     }
+    if grad_norm_groups != "none":
+      metrics.update(grouped_grad_norms(grads, grad_norm_groups))
     return new_state, metrics
 
   return train_step

@@ -13,7 +13,7 @@ from resnet_jax.data import input_pipeline
 from resnet_jax.errors import NonFiniteError, Preempted
 from resnet_jax.training import checkpoints, mesh as mesh_lib, pretrained, setup
 from resnet_jax.training import state as state_lib
-from resnet_jax.training.metrics_log import MetricsLog, log_main as _log
+from resnet_jax.training.metrics_log import IntervalMeans, MetricsLog, log_main as _log
 from resnet_jax.training.preemption import PreemptionWatcher
 
 
@@ -191,19 +191,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
     pending = None  # metrics of the previous step, fetched one step late
     t_start = t_last = time.time()
     s_last = start_step
+    interval = IntervalMeans()
     def log_train(step_metrics, *, final=False):
-      """Check and log one step's metrics (called one step late, or at the end)."""
+      """Check one step's metrics (one step late, or at the end); every log_every_steps,
+      log their means over the interval."""
       nonlocal t_last, s_last
       log_step, values = step_metrics[0], jax.device_get(step_metrics[1])
       if config.nan_policy == "stop":
         check_finite(log_step, values, last_saved)
+      interval.add(values)
       log.advance(log_step, {"loss": float(values["loss"])})
       if final or log_step % config.log_every_steps == 0:
         now = time.time()
+        means = interval.take()
         if log_step > s_last:
-          values["images_per_sec"] = (log_step - s_last) * batch / max(now - t_last, 1e-9)
+          means["images_per_sec"] = (log_step - s_last) * batch / max(now - t_last, 1e-9)
         t_last, s_last = now, log_step
-        log.write(log_step, "train", values)
+        log.write(log_step, "train", means)
 
     for step in range(start_step, stop_at):
       state, metrics = train_step(state, mesh_lib.global_batch(next(train_iter), mesh))
