@@ -309,6 +309,61 @@ def test_keras_num_classes_is_read_from_the_dense_kernel(tmp_path):
   assert convert._keras_num_classes(path) == 12
 
 
+
+# ------------------------------------------------------- written files follow the umask
+
+@pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
+def umask(request):
+  """The process umask set to the parameter for the test, restored afterwards."""
+  old = os.umask(request.param)
+  yield request.param
+  os.umask(old)
+
+
+def _mode(path):
+  return os.stat(path).st_mode & 0o777
+
+
+def test_weight_files_follow_the_umask(umask, tmp_path, capsys):
+  """Every way a weights file is written: the helper, save, and the CLI's import and
+  export (in this process, and `python -m` for export). 0644 under 022, 0640 under 027,
+  as a file created with open() gets; no temporary file is left beside them."""
+  expected = 0o666 & ~umask
+  with open(tmp_path / "plain", "w"):
+    pass
+  assert _mode(tmp_path / "plain") == expected == {0o022: 0o644, 0o027: 0o640}[umask]
+  original = convert.torch_state_dict(random_variables("resnet20_b", 10), "resnet20_b")
+  helper = str(tmp_path / "helper.safetensors")
+  weights_file.write_safetensors(helper, original, {"format": "pt"})
+  saved = str(tmp_path / "saved.safetensors")
+  weights_file.save(saved, random_variables("resnet20_b", 10), "resnet20_b",
+                    weights_file.PREPROCESSING["timm"], "test")
+  imported, exported = str(tmp_path / "imported.safetensors"), str(tmp_path / "tv.safetensors")
+  assert cli.main(["import", "--model", "resnet20_b", "--from", "timm", helper, imported]) == 0
+  assert cli.main(["export", imported, exported]) == 0
+  capsys.readouterr()
+  result = _run("export", imported, str(tmp_path / "tv_cli.safetensors"))  # inherits the umask
+  assert result.returncode == 0, result.stderr
+  written = ["helper", "saved", "imported", "tv", "tv_cli"]
+  assert {n: oct(_mode(tmp_path / f"{n}.safetensors")) for n in written} == \
+      {n: oct(expected) for n in written}
+  assert sorted(os.listdir(tmp_path)) == sorted(["plain", *(f"{n}.safetensors" for n in written)])
+  assert np.array_equal(convert.read_state_dict(exported)["fc.weight"], original["fc.weight"])
+
+
+def test_a_stale_temporary_file_does_not_decide_the_mode(umask, tmp_path):
+  """A temporary file a killed writer with the same pid left (any mode) is replaced."""
+  path = str(tmp_path / "w.safetensors")
+  stale = f"{path}.tmp-{os.getpid()}"
+  with open(stale, "w") as f:
+    f.write("half a file")
+  os.chmod(stale, 0o600)
+  weights_file.write_safetensors(path, {"x": np.arange(3, dtype=np.float32)}, {})
+  assert _mode(path) == 0o666 & ~umask
+  assert os.listdir(tmp_path) == ["w.safetensors"]
+  assert np.array_equal(convert.read_state_dict(path)["x"], np.arange(3, dtype=np.float32))
+
+
 # ------------------------------------------------------------------- .pth (torch present)
 
 def test_pth_is_read_with_weights_only(tmp_path, monkeypatch):

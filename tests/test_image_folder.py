@@ -96,3 +96,88 @@ def test_shared_cifar10_jpeg_archive_lists_all_test_images():
   assert sorted({c for c, _, _ in items}) == sorted(
       ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
        "truck"]) or len({c for c, _, _ in items}) == 10
+
+
+# ------------------------------------------- the corrupt-file policy is part of the copy
+
+def _small_folder(root, corrupt: bool):
+  """<root>/train/{a,b}/: three real 16x16 PNGs per class, and with `corrupt` one file
+  with a .png name that is not an image. Returns (root, the corrupt file's path)."""
+  for cls, value in (("a", 40), ("b", 200)):
+    for i in range(3):
+      path = root / "train" / cls / f"{i}.png"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_bytes(tf.io.encode_png(np.full((16, 16, 3), value + i, np.uint8)).numpy())
+  bad = root / "train" / "b" / "broken.png"
+  if corrupt:
+    bad.write_bytes(b"this is a text file with a .png name")
+  return str(root), str(bad)
+
+
+def _data_cfg(folder, data_dir, corrupt):
+  from resnet_jax.config_schema import base_config
+  data = base_config().data
+  data.dataset, data.image_folder, data.image_size = "image_folder", folder, 16
+  data.data_dir, data.corrupt_images = data_dir, corrupt
+  return data
+
+
+def _prepare(folder, data_dir, corrupt):
+  """(builder, whether this call prepared it) through the path training takes."""
+  from resnet_jax.data import datasets
+  cfg = _data_cfg(folder, data_dir, corrupt)
+  before = image_folder.ImageFolder(root_dir=folder, image_size=16, corrupt=corrupt,
+                                    data_dir=data_dir).is_prepared()
+  return datasets.prepare_builder(cfg), not before
+
+
+def _files_and_mtimes(directory):
+  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, _, fs in os.walk(directory) for f in fs}
+
+
+def test_corrupt_policy_is_part_of_the_prepared_datasets_identity(tmp_path, capsys):
+  folder, bad = _small_folder(tmp_path / "imgs", corrupt=True)
+  data_dir = str(tmp_path / "tfds")
+  # skip: prepared, the corrupt file left out and listed.
+  skip, prepared = _prepare(folder, data_dir, "skip")
+  assert prepared and image_folder.skipped_files(skip) == [bad]
+  assert skip.info.splits["train"].num_examples == 6
+  stored = _files_and_mtimes(skip.data_dir)
+  assert any(f.endswith("dataset_info.json") for f in stored)
+  # error on the same folder: not satisfied by the skip copy; prepared again, which stops
+  # with one line naming the file (through the command line, exit 2).
+  code = cli.main(_argv(folder, tmp_path, "--config.data.corrupt_images=error"))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2
+  errors = [line for line in err if line.startswith("resnet_jax: error:")]
+  assert len(errors) == 1 and errors == err[-1:], err
+  assert f"corrupt image file {bad}:" in errors[0], errors
+  error_builder = image_folder.ImageFolder(root_dir=folder, image_size=16, corrupt="error",
+                                           data_dir=data_dir)
+  assert error_builder.data_dir != skip.data_dir and not error_builder.is_prepared()
+  # skip again: the first copy, reused as it was (not prepared again).
+  again, prepared = _prepare(folder, data_dir, "skip")
+  assert not prepared and again.data_dir == skip.data_dir
+  assert _files_and_mtimes(again.data_dir) == stored
+  assert image_folder.skipped_files(again) == [bad]
+
+
+def test_a_copy_prepared_with_error_is_not_reused_for_skip(tmp_path):
+  folder, _ = _small_folder(tmp_path / "imgs", corrupt=False)
+  data_dir = str(tmp_path / "tfds")
+  error, prepared = _prepare(folder, data_dir, "error")
+  assert prepared and image_folder.skipped_files(error) == []
+  stored = _files_and_mtimes(error.data_dir)
+  skip, prepared = _prepare(folder, data_dir, "skip")
+  assert prepared and skip.data_dir != error.data_dir
+  assert skip.info.splits["train"].num_examples == error.info.splits["train"].num_examples == 6
+  again, prepared = _prepare(folder, data_dir, "error")
+  assert not prepared and again.data_dir == error.data_dir
+  assert _files_and_mtimes(again.data_dir) == stored
+
+
+def test_unknown_corrupt_policy_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="corrupt='ignore'"):
+    image_folder.ImageFolder(root_dir=str(tmp_path), image_size=16, corrupt="ignore",
+                             data_dir=str(tmp_path / "tfds"))

@@ -14,6 +14,7 @@ safetensors holds no code, so reading a file never executes anything.
 
 import json
 import os
+import stat
 from typing import Any, Mapping
 
 import jax
@@ -144,11 +145,21 @@ def save(path: str, variables: Mapping[str, Any], model_name: str,
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str]) -> None:
   """safetensors.numpy.save_file, written beside the target and renamed into place so an
-  interrupted write never leaves half a file under the final name."""
+  interrupted write never leaves half a file under the final name.
+
+  The file gets the mode of any normally created file (0o666 less the umask: 0644 under
+  umask 022, 0640 under 027). safetensors writes through a private temporary file of its
+  own (mode 0600) and renames it, so the mode is taken from a file this function creates
+  the ordinary way first (which reads the umask without changing it, unlike os.umask)."""
   from safetensors.numpy import save_file  # noqa: PLC0415  (only conversion needs it)
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
+    if os.path.lexists(tmp):          # left by a killed writer with our pid: not ours to reuse
+      os.remove(tmp)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
     save_file(dict(tensors), tmp, metadata=dict(metadata))
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

@@ -4,6 +4,8 @@ holding <split>/<class>/<file>), e.g. ../shared/data/cifar10_jpeg.
 Every file is decoded once when the dataset is prepared, so a corrupt image is found there,
 not in the middle of a training run: it is skipped and counted (the list is kept in the
 dataset's metadata and printed), or, with corrupt="error", preparation stops naming it.
+The policy is part of the prepared copy's identity (like the image size): a folder prepared
+with one policy is prepared again, in its own place, when used with the other.
 
 Two ways to store the examples:
   - decoded (default): resized to image_size x image_size and re-encoded losslessly (PNG),
@@ -22,6 +24,7 @@ import tensorflow_datasets as tfds
 from resnet_jax.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+CORRUPT_POLICIES = ("skip", "error")   # config key data.corrupt_images
 
 
 class CorruptImageError(ConfigError):
@@ -73,12 +76,20 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, root_dir: str, image_size: int, corrupt: str,
                keep_encoded: bool = False, **kwargs):
+    if corrupt not in CORRUPT_POLICIES:
+      raise ValueError(f"corrupt={corrupt!r}; expected one of {CORRUPT_POLICIES}")
     self._root_dir = os.path.abspath(os.path.expanduser(root_dir))
     self._image_size = image_size
     self._corrupt = corrupt
     self._keep_encoded = keep_encoded
     # Encoded copies do not depend on image_size: one prepared copy serves every crop size.
     variant = "encoded" if keep_encoded else str(image_size)
+    # The corrupt-file policy only acts at preparation, so it is part of the copy's identity:
+    # a copy prepared with "skip" must not satisfy "error" (that would never stop), and the
+    # other way round. "skip" (the default) keeps the name copies had before the policy
+    # counted, so those are still reused.
+    if corrupt != "skip":
+      variant += f"|corrupt={corrupt}"
     digest = hashlib.sha1(f"{self._root_dir}|{variant}".encode()).hexdigest()[:10]
     name = f"{os.path.basename(self._root_dir.rstrip('/')) or 'root'}_{digest}".lower()
     config = tfds.core.BuilderConfig(name="".join(c if c.isalnum() else "_" for c in name))
