@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # resnet_jax launcher.
 #   ./launch.sh                          train the default experiment (configs/digits_resnet20.py)
-#   ./launch.sh CONFIG[:ARG] [--config.k=v ...] [--workdir=DIR]   train any config file
+#   ./launch.sh [--config.KEY=VALUE ...] the default experiment with overrides
+#   ./launch.sh CONFIG[:ARG] [--config.KEY=VALUE ...] [--workdir=DIR] [--allow_config_change]
+#                                        train any config file (python -m resnet_jax --help)
+#   ./launch.sh --keys [PATTERN]         every config key: type, default, meaning
 #   ./launch.sh test [PYTEST_ARGS ...]   run the test suite
 #   ./launch.sh setup                    only create/refresh the environment
 #   NPROC=N ./launch.sh CONFIG ...       N local processes (coordinator on localhost)
 #   srun ./launch.sh CONFIG ...          one process per SLURM task (detected by JAX)
 # The project environment (.venv beside this script, or $RESNET_JAX_VENV) is created on first
 # use and refreshed whenever pyproject.toml changes.
+# (--help prints this header: every line up to the first one that is not a comment.)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,9 +48,18 @@ run() {
 # Quiet TensorFlow's C++ logging (it is only used for tf.data and TensorBoard files).
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
-case "${1:-}" in
+if [ $# -eq 0 ]; then
+  setup_env
+  run --config="$DEFAULT_CONFIG"
+fi
+
+case "$1" in
   -h|--help)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    ;;
+  --keys)
+    setup_env
+    exec "$VENV/bin/python" -m resnet_jax "$@"
     ;;
   setup)
     setup_env
@@ -69,8 +82,8 @@ case "${1:-}" in
     exec "$VENV/bin/python" -m pytest tests "${workers[@]}" "$@"
     ;;
   "")
-    setup_env
-    run --config="$DEFAULT_CONFIG"
+    echo "launch.sh: error: an empty argument; expected CONFIG, --config.KEY=VALUE, test or setup (--help)" >&2
+    exit 2
     ;;
   --*)
     # Only overrides given: apply them to the default experiment.

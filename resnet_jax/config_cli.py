@@ -7,7 +7,8 @@ import os
 
 import ml_collections
 
-from resnet_jax.config_schema import _flatten, base_config, check_keys_and_types, suggest
+from resnet_jax.config_schema import (_flatten, _flatten_plain, base_config,
+                                      check_keys_and_types, suggest)
 from resnet_jax.errors import ConfigError
 
 
@@ -28,16 +29,6 @@ def config_from_dict(values: dict, source: str) -> ml_collections.ConfigDict:
     node[leaf] = tuple(value) if isinstance(value, list) else value
   check_keys_and_types(config)
   return config
-
-
-def _flatten_plain(values: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in values.items():
-    if isinstance(value, dict):
-      out.update(_flatten_plain(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def load_recorded(workdir: str) -> ml_collections.ConfigDict:
@@ -64,24 +55,42 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   `FILE.py:arg` (one file, several experiments: big_vision's convention)."""
   path, arg = split_config_arg(path)
   if not os.path.isfile(path):
-    raise ConfigError(f"config file not found: {path}")
+    what = "is a directory" if os.path.isdir(path) else "not found"
+    raise ConfigError(f"config file {path} {what} (expected a .py file defining get_config(), "
+                      "e.g. configs/digits_resnet20.py)")
+  if not path.endswith(".py"):
+    hint = (" (a run's recorded config.json: rerun with the config file it came from, or "
+            "evaluate the workdir with eval_only)" if path.endswith(".json") else "")
+    raise ConfigError(f"config file {path}: expected a Python file (.py) defining "
+                      f"get_config(){hint}")
   spec = importlib.util.spec_from_file_location(
       "resnet_jax_config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
+  except SystemExit as e:
+    raise ConfigError(f"config file {path} called sys.exit({e.code!r}) while loading") from None
   except Exception as e:  # the file itself is broken: say which file and why
-    raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+    raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: "
+                      f"{_one_line(e)}") from e
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config()")
   call = f"get_config({arg!r})" if arg is not None else "get_config()"
   try:
     config = module.get_config(arg) if arg is not None else module.get_config()
+  except SystemExit as e:
+    raise ConfigError(f"{path}: {call} called sys.exit({e.code!r})") from None
   except Exception as e:
-    raise ConfigError(f"{path}: {call} failed: {type(e).__name__}: {e}") from e
+    raise ConfigError(f"{path}: {call} failed: {type(e).__name__}: {_one_line(e)}") from e
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    raise ConfigError(f"{path}: {call} must return an ml_collections.ConfigDict, not "
+                      f"{type(config).__name__}")
   return config
+
+
+def _one_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else ""
 
 
 def _parse_value(key: str, text: str, default):
@@ -160,22 +169,49 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
   return overrides
 
 
+FLAGS = ("config", "workdir")          # value flags: --NAME=VALUE or --NAME VALUE
+SWITCHES = ("allow_config_change",)   # --NAME alone
+
+
 def parse_args(argv: list[str]) -> tuple[str, dict[str, str], dict[str, str]]:
-  """Split argv into (config path, {config overrides}, {other flags})."""
+  """Split argv into (config path, {config overrides}, {flags}); ConfigError naming the
+  argument for anything else. Value flags take `--flag=VALUE` or `--flag VALUE`;
+  `--config.KEY=VALUE` overrides; switches stand alone."""
   config_path, overrides, flags = None, {}, {}
-  for arg in argv:
-    if not arg.startswith("--") or "=" not in arg:
+  args = list(argv)
+  while args:
+    arg = args.pop(0)
+    if not arg.startswith("--"):
       raise ConfigError(f"cannot parse argument {arg!r}; expected --config=FILE, "
-                        "--config.key=value or --workdir=DIR")
-    name, value = arg[2:].split("=", 1)
+                        "--config.KEY=VALUE or --workdir=DIR (see --help)")
+    name, has_value, value = arg[2:].partition("=")
+    if name.startswith("config."):
+      if not has_value:
+        raise ConfigError(f"{arg}: expected --{name}=VALUE")
+      overrides[name[len("config."):]] = value
+      continue
+    if name in SWITCHES:
+      if has_value:
+        raise ConfigError(f"--{name} takes no value (got {arg!r})")
+      flags[name] = "1"
+      continue
+    if name not in FLAGS:
+      hint = suggest(name, FLAGS + SWITCHES).replace("'", "'--", 1)
+      raise ConfigError(f"unknown flag --{name}{hint}; expected --config, --config.KEY, "
+                        "--workdir or --allow_config_change (see --help)")
+    if not has_value:
+      if not args or args[0].startswith("--"):
+        raise ConfigError(f"--{name}: expected a value (--{name}=VALUE or --{name} VALUE)")
+      value = args.pop(0)
+    if not value.strip():
+      raise ConfigError(f"--{name}: expected a {'file' if name == 'config' else 'directory'}"
+                        ", got an empty value")
+    if name in flags or (name == "config" and config_path is not None):
+      raise ConfigError(f"--{name} given twice")
     if name == "config":
       config_path = value
-    elif name.startswith("config."):
-      overrides[name[len("config."):]] = value
-    elif name in ("workdir",):
-      flags[name] = value
     else:
-      raise ConfigError(f"unknown flag --{name}; expected --config, --config.KEY or --workdir")
+      flags[name] = value
   if config_path is None:
-    raise ConfigError("missing --config=FILE")
+    raise ConfigError("missing --config=FILE (see --help)")
   return config_path, overrides, flags

@@ -5,8 +5,11 @@ about. Anything they add that is not declared here is a typo and is reported as 
 whether it came from the file or from a `--config.key=value` override.
 """
 
+import dataclasses
 import difflib
+import math
 import os
+from typing import Any
 
 import ml_collections
 
@@ -22,119 +25,195 @@ def data_root() -> str:
   return os.path.expanduser(os.environ.get("RESNET_JAX_DATA") or DATA_ROOT_DEFAULT)
 
 
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key: its default (which also fixes its type), what it means, its allowed
+  values if they are a fixed set, and whether changing it changes the run (a resumed run
+  refuses a change of such a key; see `changed_run_keys`)."""
+  name: str
+  default: Any
+  meaning: str
+  choices: tuple = ()
+  changes_run: bool = True
+
+
+# Every key. Keys with changes_run=False only say where files are, how often to log, eval
+# or save, how fast to compute, or when to stop: resuming with another value continues the
+# same run.
+KEYS = (
+    Key("seed", 0, "random seed: initialisation, data order, augmentation, dropout"),
+    Key("lowering", "auto", "how layers run (resnet_jax/lowering.py): auto, native, or the "
+        "CPU backend's onednn / cpu; the same numbers to float32 rounding, other speed",
+        ("auto", "native", "onednn", "cpu"), changes_run=False),
+    Key("model.name", "resnet20", "a registered model (python -m resnet_jax.models --names)"),
+    Key("model.dtype", "float32", "compute dtype; params and BatchNorm statistics stay fp32",
+        ("float32", "bfloat16", "float16")),
+    Key("model.zero_init_last_bn", False, "each block's last BN scale (v2: last conv) starts "
+        "at zero, so every block starts as the identity"),
+    Key("model.bn_momentum", 0.9, "BatchNorm running-average momentum"),
+    Key("model.bn_epsilon", 0.0, "BatchNorm epsilon; 0 = the named model's (1e-5; Keras-layout "
+        "v1/v2: 1.001e-5)"),
+    Key("model.se_ratio", -1.0, "squeeze-excitation ratio in every block; -1 = as the named "
+        "model"),
+    Key("model.drop_path_rate", 0.0, "stochastic depth at the last block, rising linearly "
+        "from 0 at the first"),
+    Key("model.bn_group_size", 0, "0: BatchNorm over the global batch; G: ghost BatchNorm "
+        "over groups of G examples"),
+    Key("model.pretrained", "", "a resnet_jax .safetensors a fresh run starts from (the "
+        "head afresh if the class count differs); its mean/std/channel_order fill data keys "
+        "left at default. A resumed run continues from its own checkpoint",
+        changes_run=False),
+    Key("data.dataset", "sklearn_digits", "a dataset of resnet_jax/data/catalog.py"),
+    Key("data.data_dir", "", "where TFDS keeps prepared datasets; '' = $TFDS_DATA_DIR or "
+        "~/tensorflow_datasets", changes_run=False),
+    Key("data.manual_dir", "", "a folder of the dataset's files to prepare from instead of "
+        "downloading (ImageNet: the official tars)", changes_run=False),
+    Key("data.image_folder", "", "dataset image_folder: <root>/<split>/<class>/<image> (or "
+        "<root>/<split>.tar)", changes_run=False),
+    Key("data.image_size", 0, "image_folder: resize to this square size; preprocess imagenet: "
+        "the crop size"),
+    Key("data.corrupt_images", "skip", "image_folder: a file that does not decode is skipped "
+        "(and listed) or stops preparation", ("skip", "error")),
+    Key("data.mean", (0.0,), "per-channel mean in 0..255 units; (0.0,) = the dataset's"),
+    Key("data.std", (0.0,), "per-channel std in 0..255 units; (0.0,) = the dataset's"),
+    Key("data.train_split", "train", "the TFDS split trained on"),
+    Key("data.eval_split", "test", "the TFDS split evaluated on", changes_run=False),
+    Key("data.batch_size", 128, "global batch, over all devices and processes"),
+    Key("data.eval_batch_size", 0, "global eval batch; 0 = batch_size", changes_run=False),
+    Key("data.process_sharding", "batch", "batch: each process reads the split and keeps its "
+        "slice of every global batch (batches independent of the process count); split: each "
+        "reads 1/n (ImageNet)", ("batch", "split")),
+    Key("data.shuffle_buffer", 0, "examples in the shuffle buffer; 0 = the whole "
+        "(per-process) train split"),
+    Key("data.cache", True, "keep decoded examples in memory (small datasets)",
+        changes_run=False),
+    Key("data.prefetch", 2, "batches prepared ahead on the host", changes_run=False),
+    Key("data.crop_padding", 0, "train: pad by this many pixels, then random-crop back"),
+    Key("data.random_flip", False, "train: random left-right flip"),
+    Key("data.preprocess", "cifar", "cifar: fixed-size decoded images, optional pad-crop and "
+        "flip; imagenet: images stay encoded, train random-resized crop + flip, eval resize + "
+        "center crop", ("cifar", "imagenet")),
+    Key("data.crop_pct", 0.875, "imagenet eval: the center image_size crop of the image "
+        "resized to image_size / crop_pct (224 of 256)", changes_run=False),
+    Key("data.antialias", False, "imagenet: antialiased resizes (True: as torchvision with "
+        "PIL; False: TF's reference recipe, faster)"),
+    Key("data.channel_order", "RGB", "RGB, or BGR for Caffe-style weights; data.mean/std are "
+        "in this order", ("RGB", "BGR")),
+    Key("optimizer.learning_rate", 0.1, "peak learning rate"),
+    Key("optimizer.momentum", 0.9, "SGD momentum"),
+    Key("optimizer.nesterov", False, "Nesterov momentum"),
+    Key("optimizer.weight_decay", 1e-4, "L2 on conv/dense kernels only (not BN, not biases), "
+        "added to the gradient"),
+    Key("optimizer.label_smoothing", 0.0, "label smoothing of the cross-entropy targets"),
+    Key("optimizer.grad_accum_steps", 1, "K: each step averages the gradients of K "
+        "micro-batches of batch_size / K"),
+    Key("optimizer.ema_decay", 0.0, "> 0: keep an exponential moving average of params and "
+        "BN statistics, and evaluate it too"),
+    Key("schedule.name", "cosine", "learning-rate schedule after the warm-up",
+        ("cosine", "step", "constant")),
+    Key("schedule.warmup_epochs", 0.0, "warm-up length in epochs"),
+    Key("schedule.warmup_steps", 0, "> 0: warm-up length in steps (over warmup_epochs)"),
+    Key("schedule.warmup_shape", "linear", "linear: from 0 to the peak; constant: "
+        "warmup_factor x the peak", ("linear", "constant")),
+    Key("schedule.warmup_factor", 0.1, "constant warm-up: this fraction of the peak"),
+    Key("schedule.decay_epochs", (0.0,), "step schedule: epochs at which the rate is "
+        "multiplied by decay_factor"),
+    Key("schedule.decay_steps", (0,), "step schedule: the same in steps (over decay_epochs "
+        "when set)"),
+    Key("schedule.decay_factor", 0.1, "step schedule: the factor at each decay"),
+    Key("num_epochs", 1.0, "training length in epochs"),
+    Key("num_train_steps", -1, "> 0: training length in steps (over num_epochs)"),
+    Key("stop_after_steps", -1, "> 0: save and stop at this step (a planned break; run "
+        "without it, or with a larger value, to continue)", changes_run=False),
+    Key("eval_only", False, "evaluate the starting state (the workdir's latest checkpoint, "
+        "or model.pretrained) and stop: nothing trained or saved", changes_run=False),
+    Key("eval_every_epochs", 1.0, "evaluate every this many epochs (and at the end)",
+        changes_run=False),
+    Key("log_every_steps", 50, "train metrics every this many steps: means over the steps "
+        "since the previous line", changes_run=False),
+    Key("log_grad_norms", "none", "also log each stage's (or block's) gradient norm",
+        ("none", "stage", "block"), changes_run=False),
+    Key("nan_policy", "stop", "non-finite loss, gradients or params: stop (exit 3), or skip "
+        "the update and count it", ("stop", "skip")),
+    Key("checkpoint.every_steps", 500, "save every this many steps (and at the end)",
+        changes_run=False),
+    Key("checkpoint.keep", 3, "saves kept (the newest)", changes_run=False),
+    Key("checkpoint.async_save", True, "write checkpoints in the background",
+        changes_run=False),
+    Key("checkpoint.best_metric", "top1", "also keep the best save by this eval metric; "
+        "'' = off", ("", "top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"),
+        changes_run=False),
+    Key("checkpoint.best_mode", "max", "whether the best metric is the largest or smallest",
+        ("max", "min"), changes_run=False),
+    Key("mesh.data", -1, "devices on the data axis; -1 = all / mesh.fsdp", changes_run=False),
+    Key("mesh.fsdp", 1, "> 1: split params and optimizer state over this many devices",
+        changes_run=False),
+)
+KEYS_BY_NAME = {k.name: k for k in KEYS}
+MAX_STEPS = 2**31 - 1      # TrainState.step is int32
+_CHOICES = {k.name: k.choices for k in KEYS if k.choices}
+
+
 def base_config() -> ml_collections.ConfigDict:
+  """Every key at its neutral default: what an experiment file starts from."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.lowering = "auto"                 # how layers run: auto | native | onednn | cpu (the last
-                                      #   two: CPU backend, resnet_jax/cpu_speed); same numbers,
-                                      #   different speed (resnet_jax/lowering.py)
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "resnet20"
-  c.model.dtype = "float32"           # compute dtype; params and BN statistics stay fp32
-  c.model.zero_init_last_bn = False
-  c.model.bn_momentum = 0.9
-  c.model.bn_epsilon = 0.0            # 0 = as the named model (1e-5; Keras-layout v1/v2: 1.001e-5)
-  c.model.se_ratio = -1.0             # squeeze-excitation ratio; -1 = as the named model
-  c.model.drop_path_rate = 0.0        # stochastic depth at the last block (linear from 0)
-  c.model.bn_group_size = 0           # 0: BN over the global batch; G: "ghost" BN per G examples
-  c.model.pretrained = ""             # path to a resnet_jax .safetensors (from `python -m
-                                      #   resnet_jax.convert` or an export): params and
-                                      #   batch_stats initialise from it (the head afresh if
-                                      #   num_classes differs); its mean/std/channel_order
-                                      #   fill data keys left at default. A run resuming its
-                                      #   own checkpoint continues from that instead.
-
-  c.data = ml_collections.ConfigDict()
-  c.data.dataset = "sklearn_digits"   # a key of resnet_jax.data.catalog.DATASETS
-  c.data.data_dir = ""                # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.data.manual_dir = ""              # files TFDS prepares from instead of downloading
-  c.data.image_folder = ""            # dataset "image_folder": <root>/<split>/<class>/img
-  c.data.image_size = 0               # image_folder (required): resize to this square size;
-                                      #   preprocess "imagenet" (required): the crop size
-  c.data.corrupt_images = "skip"      # image_folder: skip (and count) | error
-  c.data.mean = (0.0,)                # per-channel, 0..255 units; (0.0,) = dataset default
-  c.data.std = (0.0,)
-  c.data.train_split = "train"
-  c.data.eval_split = "test"
-  c.data.batch_size = 128             # global, over all devices and processes
-  c.data.eval_batch_size = 0          # 0 -> batch_size
-  c.data.process_sharding = "batch"   # batch: each process reads the split, keeps its slice
-                                      #   of every global batch (same batches for any
-                                      #   process count); split: each reads 1/n (ImageNet)
-  c.data.shuffle_buffer = 0           # 0 -> the whole (per-process) train split
-  c.data.cache = True                 # keep decoded examples in memory (small datasets)
-  c.data.prefetch = 2                 # batches prepared ahead on the host
-  c.data.crop_padding = 0             # train: pad by this many pixels, random-crop back
-  c.data.random_flip = False          # train: random left-right flip
-  c.data.preprocess = "cifar"         # cifar: fixed-size decoded images, optional pad-crop
-                                      #   (crop_padding) and flip; imagenet: images stay
-                                      #   encoded, train random-resized crop + flip, eval
-                                      #   resize + center crop (data/imagenet_preprocess.py)
-  c.data.crop_pct = 0.875             # imagenet eval: center image_size crop of the image
-                                      #   resized to image_size / crop_pct (224 of 256)
-  c.data.antialias = False            # imagenet: antialiased resizes (True: as torchvision
-                                      #   with PIL; False: TF's reference recipe, faster)
-  c.data.channel_order = "RGB"        # RGB | BGR (Caffe-style weights); data.mean/std are in
-                                      #   this order (dataset defaults are flipped for BGR)
-
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 0.1     # peak learning rate
-  c.optimizer.momentum = 0.9
-  c.optimizer.nesterov = False
-  c.optimizer.weight_decay = 1e-4     # L2 on conv/dense kernels only (not BN, not biases)
-  c.optimizer.label_smoothing = 0.0
-  c.optimizer.grad_accum_steps = 1    # K: each step averages gradients of K micro-batches
-  c.optimizer.ema_decay = 0.0         # > 0: keep an EMA of params and BN stats, eval both
-
-  c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = "cosine"          # cosine | step | constant
-  c.schedule.warmup_epochs = 0.0
-  c.schedule.warmup_steps = 0         # > 0: the warm-up's length in steps (over warmup_epochs)
-  c.schedule.warmup_shape = "linear"  # linear: 0 -> peak; constant: warmup_factor x peak
-  c.schedule.warmup_factor = 0.1      # constant warm-up: this fraction of the peak
-  c.schedule.decay_epochs = (0.0,)    # step: epochs at which lr *= decay_factor
-  c.schedule.decay_steps = (0,)       # step: the same in steps (over decay_epochs when set)
-  c.schedule.decay_factor = 0.1
-
-  c.num_epochs = 1.0
-  c.num_train_steps = -1              # > 0 overrides num_epochs
-  c.stop_after_steps = -1             # > 0: save and exit at this step (resume later)
-  c.eval_only = False                 # evaluate the starting state (model.pretrained, or the
-                                      #   workdir's latest checkpoint) and stop: no training,
-                                      #   no checkpoint written (results.json is)
-  c.eval_every_epochs = 1.0
-  c.log_every_steps = 50              # train metrics: means over the steps between lines
-  c.log_grad_norms = "none"           # none | stage | block: also log each one's gradient norm
-  c.nan_policy = "stop"               # non-finite loss/grads/params: stop | skip (and count)
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 500
-  c.checkpoint.keep = 3
-  c.checkpoint.async_save = True
-  c.checkpoint.best_metric = "top1"   # also keep the best save by this eval metric; "" = off
-  c.checkpoint.best_mode = "max"      # max | min
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                    # devices on the data axis; -1 = all / fsdp
-  c.mesh.fsdp = 1                     # > 1: split params and optimizer state over this many
+  for key in KEYS:
+    *sections, leaf = key.name.split(".")
+    node = c
+    for section in sections:
+      if section not in node:
+        node[section] = ml_collections.ConfigDict()
+      node = node[section]
+    node[leaf] = key.default
   return c
 
 
-_CHOICES = {
-    "lowering": ("auto", "native", "onednn", "cpu"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "schedule.name": ("cosine", "step", "constant"),
-    "schedule.warmup_shape": ("linear", "constant"),
-    "nan_policy": ("stop", "skip"),
-    "log_grad_norms": ("none", "stage", "block"),
-    "data.corrupt_images": ("skip", "error"),
-    "data.process_sharding": ("batch", "split"),
-    "data.preprocess": ("cifar", "imagenet"),
-    "data.channel_order": ("RGB", "BGR"),
-    "checkpoint.best_mode": ("max", "min"),
-    "checkpoint.best_metric": ("", "top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"),
-}
+def type_name(default) -> str:
+  if isinstance(default, tuple):
+    return f"tuple of {type(default[0]).__name__}" if default else "tuple"
+  return type(default).__name__
+
+
+def describe_keys(pattern: str = "") -> list[str]:
+  """Every key whose name contains `pattern`: name, type, default, choices and meaning."""
+  lines = []
+  for key in KEYS:
+    if pattern in key.name:
+      choices = f" (one of {', '.join(map(repr, key.choices))})" if key.choices else ""
+      lines.append(f"{key.name}  [{type_name(key.default)}, default {key.default!r}]"
+                   f"{choices}\n    {key.meaning}")
+  return lines
+
+
+def changed_run_keys(recorded, config) -> list[tuple[str, Any, Any]]:
+  """[(key, recorded value, new value)] for the keys that change the run and differ.
+  `recorded` may be the JSON form (a checkpoint's meta); a key it lacks (recorded by an
+  older version) counts as its default."""
+  def flat(c):
+    return _flatten_plain(c.to_dict() if isinstance(c, ml_collections.ConfigDict) else c)
+  old, new = flat(recorded), flat(config)
+  changed = []
+  for key in KEYS:
+    if not key.changes_run:
+      continue
+    a, b = old.get(key.name, key.default), new.get(key.name, key.default)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+      same = tuple(a) == tuple(b)
+    else:
+      same = a == b
+    if not same:
+      changed.append((key.name, a, b))
+  return changed
+
+
+def _flatten_plain(values: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      out.update(_flatten_plain(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
 
 
 def _get(config, key):
@@ -202,8 +281,17 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
     if not ok:
       raise ConfigError(f"config key '{key}'={_get(config, key)!r}: expected {expected}")
 
+  for key, value in _flatten(config).items():
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    need(all(math.isfinite(v) for v in values if isinstance(v, float)), key,
+         "a finite number")
   for key, choices in _CHOICES.items():
     need(_get(config, key) in choices, key, f"one of {', '.join(map(repr, choices))}")
+  # The seed seeds JAX's PRNG and tf.data's stateless ops, both 32-bit.
+  need(0 <= config.seed < 2**31, "seed", "an int in [0, 2^31)")
+  need(config.num_train_steps < MAX_STEPS, "num_train_steps",
+       f"fewer than 2^31 steps (the step counter is int32)")
+  need(config.stop_after_steps < MAX_STEPS, "stop_after_steps", "fewer than 2^31 steps")
   need(config.model.name in models.MODEL_SPECS, "model.name",
        f"a model name{suggest(config.model.name, models.MODEL_SPECS)}; "
        "see resnet_jax.models.list_models()")

@@ -4,6 +4,7 @@ Thin on purpose: parsing and checking here, everything else in importable module
 """
 
 import os
+import shutil
 import sys
 
 # TensorFlow only feeds data here: keep its C++ logging and oneDNN banner out of the output.
@@ -11,8 +12,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from resnet_jax.config_cli import parse_args, resolve, split_config_arg  # noqa: E402
-from resnet_jax.config_schema import check_values  # noqa: E402
+from resnet_jax.config_schema import check_values, describe_keys  # noqa: E402
 from resnet_jax.errors import ConfigError, NonFiniteError, Preempted  # noqa: E402
+
+USAGE = """\
+usage: python -m resnet_jax --config=FILE[.py:ARG] [--config.KEY=VALUE ...] [--workdir=DIR]
+                            [--allow_config_change]
+       python -m resnet_jax --keys [PATTERN]
+       python -m resnet_jax --help
+
+Train the experiment a config file describes (configs/*.py), in DIR (default
+experiments/runs/<config name>[_ARG]). Running the same command again resumes from the
+newest checkpoint in DIR.
+
+  --config=FILE[:ARG]     a .py file whose get_config() (or get_config(ARG)) returns the config
+  --config.KEY=VALUE      override one key, typed by the schema (--keys lists them all)
+  --workdir=DIR           where checkpoints, metrics, TensorBoard files and results go
+                          (--config FILE and --workdir DIR work too)
+  --allow_config_change   resume although keys that change the run differ from the ones
+                          the workdir's checkpoints were trained with (recorded in
+                          DIR/config_changes.jsonl); without it such a rerun stops
+  --keys [PATTERN]        list every config key (or those containing PATTERN): type,
+                          default, allowed values, meaning
+
+Exit codes: 0 done (or stopped as asked), 2 bad input (one line says which), 3 non-finite
+training, 128+N stopped by signal N after saving (143: SIGTERM), anything else a failure."""
 
 
 def default_workdir(config_path: str) -> str:
@@ -23,6 +47,8 @@ def default_workdir(config_path: str) -> str:
 
 
 def check_workdir(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"workdir {workdir} is a file, not a directory")
   try:
     os.makedirs(workdir, exist_ok=True)
     # One probe per process: processes of one run check the same workdir at the same time.
@@ -34,8 +60,26 @@ def check_workdir(workdir: str) -> None:
     raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from e
 
 
+def _holds_no_file(folder: str) -> bool:
+  return all(not files for _, _, files in os.walk(folder))
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  if argv and argv[0] in ("-h", "--help"):
+    print(USAGE)
+    return 0
+  if argv and argv[0] == "--keys":
+    if len(argv) > 2:
+      print("resnet_jax: error: --keys takes at most one PATTERN", file=sys.stderr)
+      return 2
+    lines = describe_keys(argv[1] if len(argv) == 2 else "")
+    print("\n".join(lines) if lines else f"no config key contains {argv[1]!r}")
+    return 0 if lines else 2
+  workdir, created = None, False
+  # Every process of a run gets the same input, so the same verdict: the first one says it
+  # (as run-level log lines are printed once).
+  first = os.environ.get("RESNET_JAX_PROCESS_ID", "0") == "0"
   try:
     config_path, overrides, flags = parse_args(argv)
     config, settled = resolve(config_path, overrides)
@@ -45,19 +89,24 @@ def main(argv=None) -> int:
     check_values(config, num_devices=jax.device_count(), num_processes=jax.process_count())
     lowering.choose(config.lowering)   # a lowering that runs here, before anything is written
     workdir = flags.get("workdir") or default_workdir(config_path)
+    created = not os.path.exists(workdir)
     check_workdir(workdir)
     from resnet_jax.training import trainer
     from resnet_jax.training.metrics_log import log_main
     for line in settled:
       log_main(line)
     try:
-      result = trainer.train_and_evaluate(config, workdir)
+      result = trainer.train_and_evaluate(
+          config, workdir, allow_config_change="allow_config_change" in flags)
     except Preempted as e:
       print(f"resnet_jax: {e}: checkpoint saved in {workdir}; run the same command to "
             f"resume (exit {e.exit_code})", file=sys.stderr)
       return e.exit_code
   except (ConfigError, NonFiniteError) as e:
-    print(f"resnet_jax: error: {e}", file=sys.stderr)
+    if created and workdir and os.path.isdir(workdir) and _holds_no_file(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)   # a refused run leaves nothing behind
+    if first:
+      print(f"resnet_jax: error: {e}", file=sys.stderr, flush=True)
     return e.exit_code
   if result.get("stopped"):
     return 0

@@ -10,7 +10,7 @@ import pytest
 
 from resnet_jax import main as cli
 
-from conftest import DEFAULT_CONFIG, run_cli
+from conftest import DEFAULT_CONFIG, REPO, run_cli
 
 CFG = f"--config={DEFAULT_CONFIG}"
 
@@ -21,68 +21,207 @@ def _write(path, text):
   return str(path)
 
 
-# (argv after the config flag, text the error line must contain)
-OVERRIDE_CASES = [
-    # unknown keys
-    (["--config.data.batchsize=64"], "'data.batchsize'"),
-    (["--config.optimiser.learning_rate=0.1"], "'optimiser.learning_rate'"),
-    (["--config.model.nme=resnet8"], "'model.nme'"),
-    (["--config.lr=0.1"], "'lr'"),
-    (["--config.checkpoint.every=10"], "'checkpoint.every'"),
-    (["--config.schedule.warmup=1"], "'schedule.warmup'"),
-    (["--config.data.augment.flip=true"], "'data.augment.flip'"),
-    # wrong types
-    (["--config.data.batch_size=sixty"], "'data.batch_size' must be an int"),
-    (["--config.data.batch_size=64.5"], "'data.batch_size' must be an int"),
-    (["--config.optimizer.learning_rate=fast"], "'optimizer.learning_rate' must be a float"),
-    (["--config.optimizer.nesterov=perhaps"], "'optimizer.nesterov' must be a bool"),
-    (["--config.num_epochs=[1]"], "'num_epochs' must be a float"),
-    (["--config.schedule.decay_epochs=a,b"], "'schedule.decay_epochs' must be a tuple"),
-    (["--config.seed=0x"], "'seed' must be an int"),
-    # impossible values
-    (["--config.data.batch_size=0"], "'data.batch_size'=0"),
-    (["--config.data.batch_size=-8"], "'data.batch_size'=-8"),
-    (["--config.data.eval_batch_size=-1"], "'data.eval_batch_size'=-1"),
-    (["--config.model.name=resnet51"], "'model.name'='resnet51'"),
-    (["--config.model.dtype=float8"], "'model.dtype'='float8'"),
-    (["--config.data.dataset=imagenet3000"], "'data.dataset'='imagenet3000'"),
-    (["--config.schedule.name=linear"], "'schedule.name'='linear'"),
-    (["--config.optimizer.momentum=1.0"], "'optimizer.momentum'=1.0"),
-    (["--config.optimizer.learning_rate=-0.1"], "'optimizer.learning_rate'=-0.1"),
-    (["--config.optimizer.weight_decay=-1"], "'optimizer.weight_decay'=-1.0"),
-    (["--config.optimizer.label_smoothing=1.0"], "'optimizer.label_smoothing'=1.0"),
-    (["--config.schedule.decay_factor=0"], "'schedule.decay_factor'=0.0"),
-    (["--config.schedule.decay_epochs=60,30"], "'schedule.decay_epochs'=(60.0, 30.0)"),
-    (["--config.num_epochs=0"], "'num_epochs'=0.0"),
-    (["--config.model.bn_momentum=1.5"], "'model.bn_momentum'=1.5"),
-    (["--config.mesh.data=3"], "'mesh.data'=3"),
-    (["--config.nan_policy=ignore"], "'nan_policy'='ignore'"),
-    (["--config.checkpoint.keep=0"], "'checkpoint.keep'=0"),
-    (["--config.checkpoint.best_mode=median"], "'checkpoint.best_mode'='median'"),
-    (["--config.log_every_steps=0"], "'log_every_steps'=0"),
-    (["--config.data.batch_size=4096"], "'data.batch_size'=4096"),  # > train split
-    (["--config.data.train_split=training"], "'data.train_split'='training'"),
-    (["--config.data.eval_split=validation"], "'data.eval_split'='validation'"),
-    (["--config.data.dataset=image_folder"], "'data.image_folder'"),
-    (["--config.data.dataset=image_folder", "--config.data.image_folder=/nonexistent",
-      "--config.data.image_size=32"], "/nonexistent is not a directory"),
-    (["--config.data.corrupt_images=ignore"], "'data.corrupt_images'='ignore'"),
-    (["--config.data.mean=1,2,3", "--config.data.std=1"], "'data.std'"),
-    # flags
-    (["--workdirr=/tmp/x"], "unknown flag --workdirr"),
+# One row per malformed invocation: (arguments, text the one error line must contain).
+# {cfg} is the default config flag, {cfg_path} its file, {tmp} a fresh folder holding a
+# config.json; a row starting with the config flag gets a prepared data_dir added. Every
+# row must stop with exactly one line, exit 2, and create nothing: the workdir {tmp}/w
+# must not appear.
+CASES = [
+    # --- the command line itself
+    ([], "missing --config=FILE"),
     (["train"], "cannot parse argument 'train'"),
+    ([""], "cannot parse argument ''"),
+    (["{cfg}", "extra"], "cannot parse argument 'extra'"),
+    (["--config"], "--config: expected a value"),
+    (["--config="], "--config: expected a file, got an empty value"),
+    (["{cfg}", "--workdir="], "--workdir: expected a directory, got an empty value"),
+    (["{cfg}", "--workdir"], "--workdir: expected a value"),
+    (["{cfg}", "--workdir", "--config.seed=1"], "--workdir: expected a value"),
+    (["{cfg}", "--workdirr={tmp}/w"], "unknown flag --workdirr (did you mean '--workdir'?)"),
+    (["{cfg}", "--work_dir={tmp}/w"], "unknown flag --work_dir"),
+    (["{cfg}", "--cfg=x"], "unknown flag --cfg"),
+    (["{cfg}", "{cfg}"], "--config given twice"),
+    (["{cfg}", "--workdir={tmp}/w", "--workdir={tmp}/v"], "--workdir given twice"),
+    (["{cfg}", "--config.seed"], "--config.seed: expected --config.seed=VALUE"),
+    (["{cfg}", "--allow_config_change=yes"], "--allow_config_change takes no value"),
+    (["{cfg}", "-n"], "cannot parse argument '-n'"),
+    # --- the config file
+    (["--config={tmp}/missing.py"], "config file {tmp}/missing.py not found"),
+    (["--config={tmp}"], "config file {tmp} is a directory"),
+    (["--config=README.md"], "README.md: expected a Python file (.py)"),
+    (["--config={tmp}/config.json"], "a run's recorded config.json"),
+    (["--config={cfg_path}:arg"], "get_config('arg') failed: TypeError"),
+    (["--config=configs/cifar10.py:resnet21"], "get_config('resnet21') failed: ValueError"),
+    (["--config=configs/cifar10.py:resnet20,png"], "expected MODEL or MODEL,jpeg"),
+    (["--config=configs/mnist_resnet20.py:kmnist"], "expected one of mnist, fashion_mnist"),
+    (["--config=configs/nonexistent.py:resnet20"], "configs/nonexistent.py not found"),
+    # --- unknown keys
+    (["{cfg}", "--config.data.batchsize=64"], "'data.batchsize' (did you mean 'data.batch_size'?)"),
+    (["{cfg}", "--config.optimiser.learning_rate=0.1"], "'optimiser.learning_rate'"),
+    (["{cfg}", "--config.model.nme=resnet8"], "'model.nme'"),
+    (["{cfg}", "--config.lr=0.1"], "'lr'"),
+    (["{cfg}", "--config.optimizer.lr=0.1"], "did you mean 'optimizer.learning_rate'?"),
+    (["{cfg}", "--config.checkpoint.every=10"], "'checkpoint.every'"),
+    (["{cfg}", "--config.schedule.warmup=1"], "'schedule.warmup'"),
+    (["{cfg}", "--config.data.augment.flip=true"], "'data.augment.flip'"),
+    (["{cfg}", "--config.epochs=3"], "'epochs'"),
+    (["{cfg}", "--config.model=resnet8"], "'model'"),
+    (["{cfg}", "--config.=3"], "unknown config key ''"),
+    (["{cfg}", "--config.data.=3"], "unknown config key 'data.'"),
+    (["{cfg}", "--config.mesh.model=2"], "'mesh.model'"),
+    # --- wrong types
+    (["{cfg}", "--config.data.batch_size=sixty"], "'data.batch_size' must be an int"),
+    (["{cfg}", "--config.data.batch_size=64.5"], "'data.batch_size' must be an int"),
+    (["{cfg}", "--config.data.batch_size="], "'data.batch_size' must be an int"),
+    (["{cfg}", "--config.optimizer.learning_rate=fast"], "must be a float"),
+    (["{cfg}", "--config.optimizer.learning_rate="], "must be a float"),
+    (["{cfg}", "--config.optimizer.nesterov=perhaps"], "'optimizer.nesterov' must be a bool"),
+    (["{cfg}", "--config.eval_only=2"], "'eval_only' must be a bool"),
+    (["{cfg}", "--config.num_epochs=[1]"], "'num_epochs' must be a float"),
+    (["{cfg}", "--config.schedule.decay_epochs=a,b"], "must be a tuple"),
+    (["{cfg}", "--config.schedule.decay_steps=1.5,2"], "must be a tuple of int"),
+    (["{cfg}", "--config.data.mean=(1,"], "'data.mean' must be a tuple"),
+    (["{cfg}", "--config.seed=0x"], "'seed' must be an int"),
+    (["{cfg}", "--config.seed=1e3"], "'seed' must be an int"),
+    (["{cfg}", "--config.checkpoint.keep=three"], "'checkpoint.keep' must be an int"),
+    (["{cfg}", "--config.data.random_flip=maybe"], "'data.random_flip' must be a bool"),
+    # --- impossible values
+    (["{cfg}", "--config.seed=-1"], "'seed'=-1: expected an int in [0, 2^31)"),
+    (["{cfg}", "--config.seed=9223372036854775808"], "'seed'=9223372036854775808"),
+    (["{cfg}", "--config.seed=4294967296"], "'seed'=4294967296"),
+    (["{cfg}", "--config.data.batch_size=0"], "'data.batch_size'=0"),
+    (["{cfg}", "--config.data.batch_size=-8"], "'data.batch_size'=-8"),
+    (["{cfg}", "--config.data.batch_size=4096"], "'data.batch_size'=4096"),  # > train split
+    (["{cfg}", "--config.data.eval_batch_size=-1"], "'data.eval_batch_size'=-1"),
+    (["{cfg}", "--config.model.name=resnet51"], "'model.name'='resnet51'"),
+    (["{cfg}", "--config.model.name="], "'model.name'=''"),
+    (["{cfg}", "--config.model.dtype=float8"], "'model.dtype'='float8'"),
+    (["{cfg}", "--config.data.dataset=imagenet3000"], "'data.dataset'='imagenet3000'"),
+    (["{cfg}", "--config.schedule.name=linear"], "'schedule.name'='linear'"),
+    (["{cfg}", "--config.schedule.warmup_shape=cosine"], "'schedule.warmup_shape'='cosine'"),
+    (["{cfg}", "--config.schedule.warmup_factor=0"], "'schedule.warmup_factor'=0.0"),
+    (["{cfg}", "--config.schedule.warmup_steps=-1"], "'schedule.warmup_steps'=-1"),
+    (["{cfg}", "--config.schedule.decay_steps=60,30"], "'schedule.decay_steps'=(60, 30)"),
+    (["{cfg}", "--config.optimizer.momentum=1.0"], "'optimizer.momentum'=1.0"),
+    (["{cfg}", "--config.optimizer.momentum=-0.5"], "'optimizer.momentum'=-0.5"),
+    (["{cfg}", "--config.optimizer.learning_rate=-0.1"], "'optimizer.learning_rate'=-0.1"),
+    (["{cfg}", "--config.optimizer.learning_rate=nan"], "'optimizer.learning_rate'=nan"),
+    (["{cfg}", "--config.optimizer.learning_rate=inf"], "expected a finite number"),
+    (["{cfg}", "--config.optimizer.weight_decay=-1"], "'optimizer.weight_decay'=-1.0"),
+    (["{cfg}", "--config.optimizer.label_smoothing=1.0"], "'optimizer.label_smoothing'=1.0"),
+    (["{cfg}", "--config.optimizer.grad_accum_steps=0"], "'optimizer.grad_accum_steps'=0"),
+    (["{cfg}", "--config.optimizer.grad_accum_steps=3"], "'optimizer.grad_accum_steps'=3"),
+    (["{cfg}", "--config.optimizer.ema_decay=1.0"], "'optimizer.ema_decay'=1.0"),
+    (["{cfg}", "--config.schedule.decay_factor=0"], "'schedule.decay_factor'=0.0"),
+    (["{cfg}", "--config.schedule.decay_epochs=60,30"], "'schedule.decay_epochs'=(60.0, 30.0)"),
+    (["{cfg}", "--config.num_epochs=0"], "'num_epochs'=0.0"),
+    (["{cfg}", "--config.num_epochs=-3"], "'num_epochs'=-3.0"),
+    (["{cfg}", "--config.num_epochs=inf"], "'num_epochs'=inf: expected a finite number"),
+    (["{cfg}", "--config.num_epochs=nan"], "'num_epochs'=nan"),
+    (["{cfg}", "--config.num_epochs=1e30"], "'num_epochs'=1e+30: expected at most"),
+    (["{cfg}", "--config.num_train_steps=2147483648"], "'num_train_steps'=2147483648"),
+    (["{cfg}", "--config.stop_after_steps=99999999999"], "'stop_after_steps'=99999999999"),
+    (["{cfg}", "--config.eval_every_epochs=0"], "'eval_every_epochs'=0.0"),
+    (["{cfg}", "--config.eval_every_epochs=inf"], "'eval_every_epochs'=inf"),
+    (["{cfg}", "--config.eval_every_epochs=1e-9"], "'eval_every_epochs'=1e-09: expected at "
+                                                   "least one step's worth"),
+    (["{cfg}", "--config.model.bn_momentum=1.5"], "'model.bn_momentum'=1.5"),
+    (["{cfg}", "--config.model.bn_epsilon=-1"], "'model.bn_epsilon'=-1.0"),
+    (["{cfg}", "--config.model.se_ratio=2"], "'model.se_ratio'=2.0"),
+    (["{cfg}", "--config.model.drop_path_rate=1"], "'model.drop_path_rate'=1.0"),
+    (["{cfg}", "--config.model.bn_group_size=7"], "'model.bn_group_size'=7"),
+    (["{cfg}", "--config.mesh.data=3"], "'mesh.data'=3"),
+    (["{cfg}", "--config.mesh.fsdp=3"], "'mesh.fsdp'=3"),
+    (["{cfg}", "--config.mesh.fsdp=0"], "'mesh.fsdp'=0"),
+    (["{cfg}", "--config.nan_policy=ignore"], "'nan_policy'='ignore'"),
+    (["{cfg}", "--config.lowering=fast"], "'lowering'='fast'"),
+    (["{cfg}", "--config.log_grad_norms=layer"], "'log_grad_norms'='layer'"),
+    (["{cfg}", "--config.checkpoint.keep=0"], "'checkpoint.keep'=0"),
+    (["{cfg}", "--config.checkpoint.every_steps=0"], "'checkpoint.every_steps'=0"),
+    (["{cfg}", "--config.checkpoint.best_mode=median"], "'checkpoint.best_mode'='median'"),
+    (["{cfg}", "--config.checkpoint.best_metric=top3"], "'checkpoint.best_metric'='top3'"),
+    (["{cfg}", "--config.log_every_steps=0"], "'log_every_steps'=0"),
+    (["{cfg}", "--config.data.crop_padding=-1"], "'data.crop_padding'=-1"),
+    (["{cfg}", "--config.data.crop_pct=0"], "'data.crop_pct'=0.0"),
+    (["{cfg}", "--config.data.crop_pct=1.5"], "'data.crop_pct'=1.5"),
+    (["{cfg}", "--config.data.shuffle_buffer=-1"], "'data.shuffle_buffer'=-1"),
+    (["{cfg}", "--config.data.prefetch=-1"], "'data.prefetch'=-1"),
+    (["{cfg}", "--config.data.preprocess=resnet"], "'data.preprocess'='resnet'"),
+    (["{cfg}", "--config.data.preprocess=imagenet"], "'data.image_size'=0"),
+    (["{cfg}", "--config.data.channel_order=RBG"], "'data.channel_order'='RBG'"),
+    (["{cfg}", "--config.data.process_sharding=host"], "'data.process_sharding'='host'"),
+    (["{cfg}", "--config.data.image_size=-32"], "'data.image_size'=-32"),
+    (["{cfg}", "--config.data.train_split=training"], "'data.train_split'='training'"),
+    (["{cfg}", "--config.data.eval_split=validation"], "'data.eval_split'='validation'"),
+    (["{cfg}", "--config.data.dataset=image_folder"], "'data.image_folder'"),
+    (["{cfg}", "--config.data.dataset=image_folder", "--config.data.image_folder=/nonexistent",
+      "--config.data.image_size=32"], "/nonexistent is not a directory"),
+    (["{cfg}", "--config.data.corrupt_images=ignore"], "'data.corrupt_images'='ignore'"),
+    (["{cfg}", "--config.data.mean=1,2,3", "--config.data.std=1"], "'data.std'"),
+    (["{cfg}", "--config.data.std=0,1"], "'data.std'"),
+    (["{cfg}", "--config.model.pretrained={tmp}/none.safetensors"], "'model.pretrained'"),
+    (["{cfg}", "--config.model.pretrained={cfg_path}"], "'model.pretrained'"),
+    # --- data and folders
+    (["{cfg}", "--config.data.data_dir={cfg_path}"], "'data.data_dir'"),
+    (["{cfg}", "--config.data.dataset=mnist", "--config.data.manual_dir={tmp}/no_such_dir"],
+     "'data.manual_dir': {tmp}/no_such_dir does not exist"),
+    (["{cfg}", "--config.data.dataset=mnist", "--config.data.manual_dir={cfg_path}"],
+     "'data.manual_dir': {cfg_path} is not a directory"),
+    (["{cfg}", "--config.data.dataset=imagenet2012", "--config.data.preprocess=imagenet",
+      "--config.data.image_size=32", "--config.data.eval_split=validation",
+      "--config.data.crop_padding=0", "--config.data.data_dir={tmp}/d"],
+     "which TFDS cannot download; it is not set"),
 ]
 
 
-@pytest.mark.parametrize("argv,expected", OVERRIDE_CASES, ids=[c[1] for c in OVERRIDE_CASES])
-def test_bad_override(argv, expected, data_dir, tmp_path, capsys):
-  workdir = tmp_path / "w"
-  code = cli.main([CFG, f"--config.data.data_dir={data_dir}", *argv, f"--workdir={workdir}"])
+def _fill(argv, data_dir, tmp_path):
+  values = dict(cfg=f"--config={DEFAULT_CONFIG}", cfg_path=DEFAULT_CONFIG, data=data_dir,
+                tmp=str(tmp_path))
+  return [a.format(**values) for a in argv]
+
+
+@pytest.mark.parametrize("argv,expected", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(argv, expected, data_dir, tmp_path,
+                                                           capsys, monkeypatch):
+  monkeypatch.chdir(REPO)             # the rows name configs/... relative to the checkout
+  (tmp_path / "config.json").write_text("{}")
+  argv = _fill(argv, data_dir, tmp_path)
+  if argv and argv[0] == f"--config={DEFAULT_CONFIG}" and not any("data_dir" in a
+                                                                   for a in argv):
+    argv.append(f"--config.data.data_dir={data_dir}")
+  if argv and not any(a.startswith("--workdir") for a in argv):
+    argv.append(f"--workdir={tmp_path}/w")
+  code = cli.main(argv)
   err = capsys.readouterr().err.strip().splitlines()
-  assert code == 2
-  assert err and err[-1].startswith("resnet_jax: error: ") and expected in err[-1], err
-  assert "Traceback" not in "\n".join(err)
-  assert not (workdir / "checkpoints").exists()
+  assert code == 2, err
+  expected = expected.format(tmp=tmp_path, cfg_path=DEFAULT_CONFIG)
+  assert len(err) == 1 and err[0].startswith("resnet_jax: error: ") and expected in err[0], err
+  assert not (tmp_path / "w").exists()
+
+
+def test_the_table_has_at_least_100_cases():
+  assert len(CASES) >= 100
+
+
+def test_bad_input_changes_nothing_in_an_existing_run(data_dir, tmp_path):
+  """A finished run's workdir is byte for byte the same after bad reruns into it."""
+  workdir = tmp_path / "run"
+  base = [f"--config={DEFAULT_CONFIG}", f"--config.data.data_dir={data_dir}",
+          "--config.model.name=resnet8", "--config.num_train_steps=4",
+          f"--workdir={workdir}"]
+  assert run_cli(base).returncode == 0
+
+  def snapshot():
+    return {str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in workdir.rglob("*") if p.is_file()}
+
+  before = snapshot()
+  for extra in (["--config.optimizer.learning_rate=oops"], ["--config.num_epochs=inf"],
+                ["--config.model.name=resnet20"], ["--config.seed=1"],
+                ["--config.eval_every_epochs=1e-9"], ["--config.data.batch_size=4096"]):
+    proc = run_cli(base + extra)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert snapshot() == before
 
 
 TYPO_CONFIG = """from resnet_jax.config_schema import base_config
@@ -92,7 +231,7 @@ def get_config():
   return c
 """
 BAD_FILES = {  # file name -> (contents or None for missing, expected text)
-    "missing.py": (None, "config file not found"),
+    "missing.py": (None, "missing.py not found"),
     "noget.py": ("x = 1\n", "defines no get_config()"),
     "syntax.py": ("def get_config(:\n", "failed to load"),
     "raises.py": ("def get_config():\n  return 1/0\n", "get_config() failed: ZeroDivisionError"),

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from resnet_jax import lowering as lowering_lib
 from resnet_jax import models
+from resnet_jax.config_schema import MAX_STEPS
 from resnet_jax.errors import ConfigError
 from resnet_jax.training import mesh as mesh_lib, optimizer, state as state_lib, steps
 
@@ -99,9 +100,32 @@ def create_model(model_cfg, num_classes: int, lowering: lowering_lib.Lowering, *
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
+  """The run's length in steps; ConfigError when it does not fit the int32 step counter."""
   if config.num_train_steps > 0:
     return config.num_train_steps
-  return int(math.ceil(config.num_epochs * steps_per_epoch))
+  steps = math.ceil(config.num_epochs * steps_per_epoch)
+  if steps > MAX_STEPS:
+    raise ConfigError(f"config key 'num_epochs'={config.num_epochs!r}: expected at most "
+                      f"{MAX_STEPS // steps_per_epoch:,} epochs ({steps_per_epoch} steps each; "
+                      "the step counter is int32)")
+  return steps
+
+
+def check_durations(config, steps_per_epoch: int, steps_total: int) -> list[str]:
+  """Durations in epochs that only make sense against the run's length: ConfigError for an
+  evaluation interval under one step; warnings (returned) for a warm-up that never ends."""
+  every = config.eval_every_epochs * steps_per_epoch
+  if every < 1:
+    raise ConfigError(f"config key 'eval_every_epochs'={config.eval_every_epochs!r}: expected "
+                      f"at least one step's worth ({1 / steps_per_epoch:.4g} epochs at "
+                      f"{steps_per_epoch} steps per epoch)")
+  sched = config.schedule
+  warmup = sched.warmup_steps or round(sched.warmup_epochs * steps_per_epoch)
+  if warmup >= steps_total:
+    return [f"warning: the warm-up ({warmup} steps: schedule.warmup_"
+            f"{'steps' if sched.warmup_steps else 'epochs'}) is as long as the run "
+            f"({steps_total} steps): training ends before the learning rate reaches its peak"]
+  return []
 
 
 @dataclasses.dataclass

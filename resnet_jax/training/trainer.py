@@ -9,8 +9,9 @@ import jax
 import numpy as np
 
 from resnet_jax import lowering as lowering_lib
+from resnet_jax.config_schema import changed_run_keys
 from resnet_jax.data import input_pipeline
-from resnet_jax.errors import NonFiniteError, Preempted
+from resnet_jax.errors import ConfigError, NonFiniteError, Preempted
 from resnet_jax.training import checkpoints, mesh as mesh_lib, pretrained, setup
 from resnet_jax.training import state as state_lib
 from resnet_jax.training.metrics_log import IntervalMeans, MetricsLog, log_main as _log
@@ -54,6 +55,29 @@ def run_eval(eval_step, state, mesh, builder, data_cfg, split_info, *, batch_siz
   return out
 
 
+def config_changes(recorded: dict, config, directory: str, step: int, *, allow: bool):
+  """The keys that change the run and differ between the checkpoint's config and this one.
+  ConfigError listing them (and the ways on) unless `allow`."""
+  changed = changed_run_keys(recorded, config)
+  if changed and not allow:
+    shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed[:6])
+    more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+    raise ConfigError(f"this config differs from the one {directory}/{step} was trained with: "
+                      f"{shown}{more}; use a new --workdir for a new run, or add "
+                      "--allow_config_change to continue this one with the new values")
+  return changed
+
+
+def record_config_changes(workdir: str, step: int, changes) -> None:
+  """Say and append to config_changes.jsonl what a resumed run changed, and from which step."""
+  _log(f"config changed at step {step} (--allow_config_change): " +
+       ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, "time": time.time(),
+                          "changes": {k: [a, b] for k, a, b in changes}}) + "\n")
+
+
 def write_config(config, workdir: str):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -66,11 +90,13 @@ def _write_results(workdir: str, result: dict) -> None:
       json.dump(result, f, indent=2)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Train `config` in `workdir` (resuming if it holds checkpoints); return final eval.
 
-  `config` is resolved (config_cli.resolve). Raises Preempted (after saving) on
-  SIGTERM/SIGINT and NonFiniteError on NaN/Inf.
+  `config` is resolved (config_cli.resolve). A resume whose config differs from the one the
+  checkpoint was trained with in a key that changes the run is refused (ConfigError), unless
+  `allow_config_change`, which continues and records the change in config_changes.jsonl.
+  Raises Preempted (after saving) on SIGTERM/SIGINT and NonFiniteError on NaN/Inf.
   """
   os.makedirs(workdir, exist_ok=True)
   data = setup.prepare_data(config)
@@ -79,6 +105,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
          f"skipped when the dataset was prepared, e.g. {data.skipped_files[0]} (all listed "
          f"in {data.builder.data_dir}/metadata.json)")
   run = setup.build(config, data.inputs)
+  warnings = setup.check_durations(config, data.inputs.steps_per_epoch, run.total_steps)
   data_cfg, mesh, state_sharding = config.data, run.mesh, run.state_sharding
   nproc = jax.process_count()
   batch = data_cfg.batch_size
@@ -99,6 +126,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         expect=identity)
     if pretrained_path:
       pretrained.report_differences(config, image_shape)
+    if state is not None:
+      changes = config_changes(ckpts.read_meta(start_step).get("config", {}), config,
+                               ckpts.directory, start_step, allow=allow_config_change)
     if state is None and pretrained_path:
       # A fresh run only: resuming continues from the run's own checkpoint.
       loaded = pretrained.load_variables(pretrained_path, run.abstract_state,
@@ -108,8 +138,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpts.close()
     raise
   write_config(config, workdir)   # after the checks above: a refused run changes nothing
+  for line in warnings:
+    _log(line)
   if state is not None:
     _log(f"resumed from {ckpts.directory}/{start_step}")
+    if changes:
+      record_config_changes(workdir, start_step, changes)
   else:
     start_step = 0
     state = run.init_state()
@@ -231,8 +265,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if ckpts.latest_step() != final_step:
       save(final_step, metrics, force=True)
     if final_step < total_steps:
-      _log(f"stopped at step {final_step} of {total_steps} (stop_after_steps); "
-           "run the same command again to resume")
+      how = ("already there: nothing to train" if final_step == start_step else "saved")
+      _log(f"stopped at step {final_step} of {total_steps} (stop_after_steps="
+           f"{config.stop_after_steps}; {how}); to continue, run the same command without "
+           "--config.stop_after_steps, or with a larger value")
       return {"step": final_step, "stopped": True}
     result = evaluate(final_step)
   finally:
