@@ -322,3 +322,41 @@ def test_checkpoint_of_a_different_model_is_refused_and_kept(data_dir, tmp_path)
   assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
   assert open(os.path.join(workdir, "config.json")).read() == config_before
   assert json.loads(config_before)["model"]["name"] == "resnet8"
+
+
+def test_a_changed_config_is_refused_on_resume_unless_allowed_and_then_recorded(data_dir,
+                                                                                 tmp_path):
+  workdir = tmp_path / "w"
+  base = [CFG, f"--config.data.data_dir={data_dir}", f"--workdir={workdir}",
+          "--config.model.name=resnet8", "--config.num_train_steps=8",
+          "--config.schedule.warmup_epochs=0"]
+  first = run_cli(base + ["--config.stop_after_steps=3"])
+  assert first.returncode == 0, first.stderr[-2000:]
+  config_before = (workdir / "config.json").read_text()
+  saved_before = sorted(os.listdir(workdir / "checkpoints"))
+
+  changed = run_cli(base + ["--config.optimizer.learning_rate=0.05", "--config.num_epochs=3"])
+  assert changed.returncode == 2
+  (line,) = changed.stderr.strip().splitlines()
+  assert f"differs from the one {workdir}/checkpoints/3 was trained with" in line, line
+  assert "optimizer.learning_rate 0.1 -> 0.05" in line and "num_epochs 40.0 -> 3.0" in line
+  assert "new --workdir" in line and "--allow_config_change" in line
+  assert (workdir / "config.json").read_text() == config_before
+  assert sorted(os.listdir(workdir / "checkpoints")) == saved_before and "3" in saved_before
+
+  # Keys that do not change the run never block a resume.
+  same_run = run_cli(base + ["--config.stop_after_steps=5", "--config.log_every_steps=1",
+                             "--config.eval_every_epochs=5", "--config.data.eval_batch_size=16",
+                             "--config.checkpoint.every_steps=2", "--config.lowering=cpu",
+                             "--config.checkpoint.keep=5"])
+  assert same_run.returncode == 0, same_run.stderr[-2000:]
+  assert "resumed from" in same_run.stdout and "config changed" not in same_run.stdout
+  assert not (workdir / "config_changes.jsonl").exists()
+
+  allowed = run_cli(base + ["--config.optimizer.learning_rate=0.05", "--allow_config_change"])
+  assert allowed.returncode == 0, allowed.stderr[-2000:]
+  assert ("config changed at step 5 (--allow_config_change): optimizer.learning_rate "
+          "0.1 -> 0.05") in allowed.stdout
+  (record,) = [json.loads(l) for l in open(workdir / "config_changes.jsonl")]
+  assert record["step"] == 5 and record["changes"] == {"optimizer.learning_rate": [0.1, 0.05]}
+  assert json.loads((workdir / "config.json").read_text())["optimizer"]["learning_rate"] == 0.05
