@@ -26,3 +26,16 @@ class Preempted(Exception):
   @property
   def exit_code(self) -> int:
     return 128 + self.signum   # the shell/scheduler convention for "killed by signal N"
+
+
+class Stopped(Exception):
+  """SIGTERM/SIGINT outside the training loop (start-up, final evaluation): nothing is saved
+  then, and nothing already saved is lost. Exit 128 + the signal."""
+
+  def __init__(self, signum: int):
+    self.signum = signum
+    super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + self.signum

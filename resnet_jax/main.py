@@ -3,8 +3,10 @@
 Thin on purpose: parsing and checking here, everything else in importable modules.
 """
 
+import contextlib
 import os
 import shutil
+import signal
 import sys
 
 # TensorFlow only feeds data here: keep its C++ logging and oneDNN banner out of the output.
@@ -13,7 +15,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from resnet_jax.config_cli import parse_args, resolve, split_config_arg  # noqa: E402
 from resnet_jax.config_schema import check_values, describe_keys  # noqa: E402
-from resnet_jax.errors import ConfigError, NonFiniteError, Preempted  # noqa: E402
+from resnet_jax.errors import ConfigError, NonFiniteError, Preempted, Stopped  # noqa: E402
 
 USAGE = """\
 usage: python -m resnet_jax --config=FILE[.py:ARG] [--config.KEY=VALUE ...] [--workdir=DIR]
@@ -64,8 +66,28 @@ def _holds_no_file(folder: str) -> bool:
   return all(not files for _, _, files in os.walk(folder))
 
 
+@contextlib.contextmanager
+def _stop_on_signals():
+  """SIGTERM/SIGINT outside the training loop (which saves first: PreemptionWatcher) stop
+  the command with a line and 128 + the signal, instead of a silent -15 or a traceback."""
+  def stop(signum, frame):
+    del frame
+    raise Stopped(signum)
+  previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  with _stop_on_signals():
+    return _main(argv)
+
+
+def _main(argv) -> int:
   if argv and argv[0] in ("-h", "--help"):
     print(USAGE)
     return 0
@@ -77,9 +99,6 @@ def main(argv=None) -> int:
     print("\n".join(lines) if lines else f"no config key contains {argv[1]!r}")
     return 0 if lines else 2
   workdir, created = None, False
-  # Every process of a run gets the same input, so the same verdict: the first one says it
-  # (as run-level log lines are printed once).
-  first = os.environ.get("RESNET_JAX_PROCESS_ID", "0") == "0"
   try:
     config_path, overrides, flags = parse_args(argv)
     config, settled = resolve(config_path, overrides)
@@ -102,11 +121,24 @@ def main(argv=None) -> int:
       print(f"resnet_jax: {e}: checkpoint saved in {workdir}; run the same command to "
             f"resume (exit {e.exit_code})", file=sys.stderr)
       return e.exit_code
+    except (ConfigError, NonFiniteError, Stopped):
+      raise
+    except Exception as e:  # noqa: BLE001 -- a peer gone, in a multi-process run: one line
+      distributed.exit_on_peer_failure(e, workdir)
+      raise
+  except Stopped as e:
+    kept = (f"the newest checkpoint in {workdir} is kept" if workdir and
+            os.path.isdir(os.path.join(workdir, "checkpoints")) else "nothing was written")
+    if created and workdir and os.path.isdir(workdir) and _holds_no_file(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)
+    print(f"resnet_jax: {e} outside the training loop; {kept} (exit {e.exit_code})",
+          file=sys.stderr, flush=True)
+    return e.exit_code
   except (ConfigError, NonFiniteError) as e:
     if created and workdir and os.path.isdir(workdir) and _holds_no_file(workdir):
       shutil.rmtree(workdir, ignore_errors=True)   # a refused run leaves nothing behind
-    if first:
-      print(f"resnet_jax: error: {e}", file=sys.stderr, flush=True)
+    # Every process of a multi-process run says it (NPROC=N's launcher shows a line once).
+    print(f"resnet_jax: error: {e}", file=sys.stderr, flush=True)
     return e.exit_code
   if result.get("stopped"):
     return 0

@@ -33,7 +33,9 @@ def _popen(args, devices=1):
                           stderr=subprocess.PIPE, text=True)
 
 
-def _wait_until(predicate, proc, timeout=240):
+def _wait_until(predicate, proc, timeout=1800):
+  """Until `predicate()` or `proc` ends; `timeout` only catches a hang (a loaded machine is
+  slow, not this slow)."""
   deadline = time.time() + timeout
   while time.time() < deadline:
     if predicate():
