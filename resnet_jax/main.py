@@ -87,7 +87,16 @@ def main(argv=None) -> int:
     return _main(argv)
 
 
+def _quiet_library_warnings() -> None:
+  """TFDS and Orbax log through absl at WARNING what a user of this command cannot act on
+  ("Variant folder ... has no dataset_info.json", "Using custom data configuration"); they
+  came before our own one-line errors. Errors still show."""
+  import logging
+  logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def _main(argv) -> int:
+  _quiet_library_warnings()
   if argv and argv[0] in ("-h", "--help"):
     print(USAGE)
     return 0

@@ -22,6 +22,8 @@ def prepare_builder(data_cfg) -> tfds.core.DatasetBuilder:
   one line (ConfigError) saying which files data.manual_dir must hold."""
   spec = DATASETS[data_cfg.dataset]
   data_dir = resolve_data_dir(data_cfg.data_dir)
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise ConfigError(f"config key 'data.data_dir': {data_dir} is a file, not a directory")
   if data_cfg.dataset == "image_folder":
     if not os.path.isdir(os.path.expanduser(data_cfg.image_folder)):
       raise ConfigError(f"config key 'data.image_folder': {data_cfg.image_folder} "

@@ -95,14 +95,23 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     config = tfds.core.BuilderConfig(name="".join(c if c.isalnum() else "_" for c in name))
     super().__init__(config=config, **kwargs)
 
+  def _splits(self) -> dict[str, list]:
+    """{split: its images} for the splits that have any (listed once: a tar's index is read
+    whole). Folders without <class>/<image> inside are not splits."""
+    if getattr(self, "_listing", None) is None:
+      listing = {split: _list_split(self._root_dir, split)
+                 for split in find_splits(self._root_dir)}
+      self._listing = {split: items for split, items in listing.items() if items}
+    return self._listing
+
   def _class_names(self):
-    splits = find_splits(self._root_dir)
-    if not splits:
+    if not find_splits(self._root_dir):
       raise ConfigError(f"config key 'data.image_folder': {self._root_dir} has no <split>/ "
                         "folders or <split>.tar archives")
-    classes = sorted({cls for split in splits for cls, _, _ in _list_split(self._root_dir, split)})
+    classes = sorted({cls for items in self._splits().values() for cls, _, _ in items})
     if not classes:
-      raise ConfigError(f"config key 'data.image_folder': no images under {self._root_dir}")
+      raise ConfigError(f"config key 'data.image_folder': no images under {self._root_dir} "
+                        "(expected <split>/<class>/<image>)")
     return classes
 
   def _info(self):
@@ -126,7 +135,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     self.info.metadata["skipped_files"] = []
-    return {split: self._generate_examples(split) for split in find_splits(self._root_dir)}
+    return {split: self._generate_examples(split) for split in self._splits()}
 
   def _decode(self, data: bytes):
     """What is stored for one file; decoding it here is also what finds corrupt files."""
@@ -141,7 +150,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split):
     skipped = self.info.metadata["skipped_files"]
-    for cls, name, read in _list_split(self._root_dir, split):
+    for cls, name, read in self._splits()[split]:
       try:
         image = self._decode(read())
       except (tf.errors.InvalidArgumentError, OSError, ValueError) as e:
