@@ -166,7 +166,7 @@ CASES = [
      "'data.data_dir': {cfg_path} is a file, not a directory"),
     (["{cfg}", "--config.data.dataset=image_folder", "--config.data.image_folder={tmp}",
       "--config.data.image_size=8", "--config.data.data_dir={tmp}/d"],
-     "'data.image_folder': {tmp} has no <split>/ folders"),
+     "'data.image_folder': no images under {tmp}"),
     (["{cfg}", "--config.data.dataset=mnist", "--config.data.manual_dir={tmp}/no_such_dir"],
      "'data.manual_dir': {tmp}/no_such_dir does not exist"),
     (["{cfg}", "--config.data.dataset=mnist", "--config.data.manual_dir={cfg_path}"],
