@@ -7,7 +7,7 @@ import os
 
 import ml_collections
 
-from resnet_jax.config_schema import (_flatten, _flatten_plain, base_config,
+from resnet_jax.config_schema import (KEYS_BY_NAME, _flatten, _flatten_plain, base_config,
                                       check_keys_and_types, suggest)
 from resnet_jax.errors import ConfigError
 
@@ -116,13 +116,27 @@ def _parse_value(key: str, text: str, default):
     except ValueError:
       fail("a float")
   if isinstance(default, (tuple, list)):
+    declared = KEYS_BY_NAME.get(key)
+    elem = (declared.element if declared and declared.element else
+            type(default[0]) if default else None)
+    if elem is str:        # a,b,c or ('a', 'b')
+      stripped = text.strip()
+      if stripped.startswith(("(", "[")):
+        try:
+          value = ast.literal_eval(stripped)
+        except (ValueError, SyntaxError):
+          fail("a tuple of strings such as 'stem,stage1'")
+      else:
+        value = tuple(part.strip() for part in stripped.split(",") if part.strip())
+      if not all(isinstance(v, str) for v in value):
+        fail("a tuple of strings such as 'stem,stage1'")
+      return tuple(value)
     try:
       value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
     except (ValueError, SyntaxError):
       fail("a tuple such as '30,60,90'")
     if not isinstance(value, (tuple, list)):
       value = (value,)
-    elem = type(default[0]) if default else None
     if elem is float and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                              for v in value):
       return tuple(float(v) for v in value)

@@ -35,6 +35,7 @@ class Key:
   meaning: str
   choices: tuple = ()
   changes_run: bool = True
+  element: type | None = None     # a tuple's element type, where the default is empty
 
 
 # Every key. Keys with changes_run=False only say where files are, how often to log, eval
@@ -59,6 +60,11 @@ KEYS = (
         "from 0 at the first"),
     Key("model.bn_group_size", 0, "0: BatchNorm over the global batch; G: ghost BatchNorm "
         "over groups of G examples"),
+    Key("model.frozen", (), "parts that do not train: 'stem', 'stage1'..'stageN', 'final', "
+        "'head', or 'body' (all but the head); their params get no update and their "
+        "BatchNorm runs in inference mode (statistics kept)", element=str),
+    Key("model.unfreeze_step", 0, "> 0: the frozen parts train too from this step on (two "
+        "phases: head first, then everything)"),
     Key("model.pretrained", "", "a resnet_jax .safetensors a fresh run starts from (the "
         "head afresh if the class count differs); its mean/std/channel_order fill data keys "
         "left at default. A resumed run continues from its own checkpoint",
@@ -93,24 +99,49 @@ KEYS = (
     Key("data.preprocess", "cifar", "cifar: fixed-size decoded images, optional pad-crop and "
         "flip; imagenet: images stay encoded, train random-resized crop + flip, eval resize + "
         "center crop", ("cifar", "imagenet")),
-    Key("data.crop_pct", 0.875, "imagenet eval: the center image_size crop of the image "
-        "resized to image_size / crop_pct (224 of 256)", changes_run=False),
+    Key("data.crop_pct", 0.875, "imagenet eval: the center crop of the image resized to "
+        "eval size / crop_pct (224 of 256; torchvision's V2 weights: 224 of 232 = 0.965)",
+        changes_run=False),
+    Key("data.eval_image_size", 0, "imagenet eval: the crop size when it differs from the "
+        "train crop (train/test resolution, e.g. 160 / 224); 0 = image_size",
+        changes_run=False),
+    Key("data.interpolation", "bilinear", "imagenet eval resize: bilinear (torchvision) or "
+        "bicubic (timm)", ("bilinear", "bicubic"), changes_run=False),
+    Key("data.randaugment_ops", 0, "train: RandAugment with this many ops per image (0 = off)"),
+    Key("data.randaugment_magnitude", 9.0, "train: RandAugment magnitude (0..10)"),
+    Key("data.trivial_augment", False, "train: TrivialAugment (one op, random magnitude)"),
+    Key("data.random_erasing", 0.0, "train: probability of erasing a random rectangle"),
+    Key("data.mixup_alpha", 0.0, "train: mixup with Beta(alpha, alpha) weights (0 = off)"),
+    Key("data.cutmix_alpha", 0.0, "train: cutmix with Beta(alpha, alpha) areas (0 = off); "
+        "with mixup too, one of the two per batch"),
     Key("data.antialias", False, "imagenet: antialiased resizes (True: as torchvision with "
         "PIL; False: TF's reference recipe, faster)"),
     Key("data.channel_order", "RGB", "RGB, or BGR for Caffe-style weights; data.mean/std are "
         "in this order", ("RGB", "BGR")),
+    Key("optimizer.name", "sgd", "sgd (momentum, Nesterov), lars (MLPerf), lamb or adamw",
+        ("sgd", "lars", "lamb", "adamw")),
     Key("optimizer.learning_rate", 0.1, "peak learning rate"),
-    Key("optimizer.momentum", 0.9, "SGD momentum"),
-    Key("optimizer.nesterov", False, "Nesterov momentum"),
-    Key("optimizer.weight_decay", 1e-4, "L2 on conv/dense kernels only (not BN, not biases), "
-        "added to the gradient"),
-    Key("optimizer.label_smoothing", 0.0, "label smoothing of the cross-entropy targets"),
+    Key("optimizer.momentum", 0.9, "SGD and LARS momentum"),
+    Key("optimizer.nesterov", False, "Nesterov momentum (sgd)"),
+    Key("optimizer.beta1", 0.9, "lamb / adamw: first-moment decay"),
+    Key("optimizer.beta2", 0.999, "lamb / adamw: second-moment decay"),
+    Key("optimizer.epsilon", 1e-8, "lamb / adamw: added to the second moment's root"),
+    Key("optimizer.trust_coefficient", 0.001, "lars: the trust ratio's coefficient (eta)"),
+    Key("optimizer.weight_decay", 1e-4, "on conv/dense kernels only (not BN, not biases): "
+        "L2 added to the gradient for sgd and lars, decoupled for lamb and adamw"),
+    Key("optimizer.lr_multipliers", (), "per-part learning-rate factors, e.g. ('head=10',); "
+        "parts as model.frozen", element=str),
+    Key("optimizer.label_smoothing", 0.0, "label smoothing of the targets"),
+    Key("optimizer.loss", "softmax", "softmax cross-entropy, or bce: sigmoid binary "
+        "cross-entropy per class (ResNet strikes back)", ("softmax", "bce")),
     Key("optimizer.grad_accum_steps", 1, "K: each step averages the gradients of K "
         "micro-batches of batch_size / K"),
     Key("optimizer.ema_decay", 0.0, "> 0: keep an exponential moving average of params and "
         "BN statistics, and evaluate it too"),
     Key("schedule.name", "cosine", "learning-rate schedule after the warm-up",
-        ("cosine", "step", "constant")),
+        ("cosine", "step", "constant", "poly")),
+    Key("schedule.poly_power", 2.0, "poly: lr = peak x (1 - progress)^power (MLPerf: 2)"),
+    Key("schedule.end_learning_rate", 0.0, "cosine and poly: the rate at the last step"),
     Key("schedule.warmup_epochs", 0.0, "warm-up length in epochs"),
     Key("schedule.warmup_steps", 0, "> 0: warm-up length in steps (over warmup_epochs)"),
     Key("schedule.warmup_shape", "linear", "linear: from 0 to the peak; constant: "
@@ -339,6 +370,33 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
        f"a divisor of data.batch_size whose micro-batch ({micro}) is a multiple of the "
        f"device count ({num_devices})")
   need(0 <= config.optimizer.ema_decay < 1, "optimizer.ema_decay", "in [0, 1)")
+  need(0 <= config.optimizer.beta1 < 1, "optimizer.beta1", "in [0, 1)")
+  need(0 <= config.optimizer.beta2 < 1, "optimizer.beta2", "in [0, 1)")
+  need(config.optimizer.epsilon >= 0, "optimizer.epsilon", ">= 0")
+  need(config.optimizer.trust_coefficient > 0, "optimizer.trust_coefficient", "> 0")
+  for entry in config.optimizer.lr_multipliers:
+    part, sep, factor = entry.partition("=")
+    try:
+      ok = bool(sep and part.strip()) and float(factor) >= 0 and math.isfinite(float(factor))
+    except ValueError:
+      ok = False
+    need(ok, "optimizer.lr_multipliers", "entries PART=FACTOR with a factor >= 0, e.g. "
+         "'head=10'")
+  need(config.model.unfreeze_step >= 0, "model.unfreeze_step", ">= 0")
+  need(config.model.unfreeze_step == 0 or config.model.frozen, "model.unfreeze_step",
+       "0 without model.frozen (nothing to unfreeze)")
+  need(config.schedule.poly_power > 0, "schedule.poly_power", "> 0")
+  need(0 <= config.schedule.end_learning_rate <= config.optimizer.learning_rate,
+       "schedule.end_learning_rate", "in [0, optimizer.learning_rate]")
+  data = config.data
+  need(data.randaugment_ops >= 0, "data.randaugment_ops", ">= 0")
+  need(0 <= data.randaugment_magnitude <= 10, "data.randaugment_magnitude", "in [0, 10]")
+  need(not (data.trivial_augment and data.randaugment_ops), "data.trivial_augment",
+       "false with data.randaugment_ops > 0 (one policy at a time)")
+  need(0 <= data.random_erasing <= 1, "data.random_erasing", "a probability in [0, 1]")
+  need(data.mixup_alpha >= 0, "data.mixup_alpha", ">= 0")
+  need(data.cutmix_alpha >= 0, "data.cutmix_alpha", ">= 0")
+  need(data.eval_image_size >= 0, "data.eval_image_size", ">= 0 (0: data.image_size)")
   group = config.model.bn_group_size
   need(group >= 0 and (group == 0 or (micro // num_devices) % group == 0 or
                        group % (micro // num_devices) == 0 and micro % group == 0),
