@@ -113,6 +113,32 @@ def is_preact(name: str) -> bool:
   return block_class(MODEL_SPECS[name]["block"]).preact
 
 
+def part_of(name: str) -> str:
+  """The part a top-level module belongs to: "stem" (stem_conv, stem_bn, stem_conv2, ...),
+  "stageN" (stageN_blockM), "final" (v2's final_bn) or "head"; what model.frozen,
+  optimizer.lr_multipliers and the per-stage gradient norms name."""
+  if name.startswith("stem"):
+    return "stem"
+  if name.startswith("stage"):
+    return name.split("_")[0]
+  return "final" if name == "final_bn" else name
+
+
+def expand_parts(parts, model_parts) -> set[str]:
+  """`parts` ("body" = every part but the head) as a set of the model's parts; ValueError
+  naming an unknown one."""
+  out = set()
+  for part in parts:
+    if part == "body":
+      out |= {p for p in model_parts if p != "head"}
+    elif part in model_parts:
+      out.add(part)
+    else:
+      raise ValueError(f"unknown part {part!r}; this model has {', '.join(model_parts)} "
+                       "(and 'body': all but the head)")
+  return out
+
+
 def create(name: str, num_classes: int, dtype: str | Any = "float32", **overrides) -> ResNet:
   """Build a named model, e.g. `create("resnet50", num_classes=1000, dtype="bfloat16")`.
 

@@ -67,7 +67,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    unknown = sorted(set(self.frozen_stages) - set(self.parts))
+    unknown = sorted(set(self.frozen_stages) - set(self.parts) | {"head"} & set(self.frozen_stages))
     if unknown:
       raise ValueError(f"frozen_stages: unknown part {unknown[0]!r}; this model has "
                        f"{', '.join(self.parts)}")
@@ -143,6 +143,9 @@ class ResNet(nn.Module):
 
   @property
   def parts(self) -> tuple[str, ...]:
-    """What `frozen_stages` may name: "stem", "stage1".."stageN", and "final" (v2's BN)."""
+    """The model's parts in forward order: "stem", "stage1".."stageN", "final" (v2's BN) and
+    "head" (when num_classes > 0); `frozen_stages` may name all but the head."""
     final = ("final",) if block_class(self.block).preact else ()
-    return ("stem",) + tuple(f"stage{i + 1}" for i in range(len(self.stage_sizes))) + final
+    head = ("head",) if self.num_classes > 0 else ()
+    return (("stem",) + tuple(f"stage{i + 1}" for i in range(len(self.stage_sizes))) +
+            final + head)

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from resnet_jax import models
+
 
 def normalize(images, mean, std):
   """uint8 NHWC images -> float32, per-channel standardised. Done on device so the host
@@ -23,13 +25,11 @@ def _micro_batches(x, k: int):
 
 
 def grad_norm_group(name: str, level: str) -> str:
-  """The group a top-level parameter collection belongs to: "stem", "stageN" (level
-  "stage") or "stageN_blockM" (level "block"), "final", "head"."""
-  if name.startswith("stem"):
-    return "stem"
-  if name.startswith("stage"):
-    return name if level == "block" else name.split("_")[0]
-  return "final" if name == "final_bn" else name
+  """The group a top-level parameter collection belongs to: its part (models.part_of), or
+  for level "block" its block (stageN_blockM)."""
+  if level == "block" and name.startswith("stage"):
+    return name
+  return models.part_of(name)
 
 
 def grouped_grad_norms(grads, level: str) -> dict:
