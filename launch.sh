@@ -5,7 +5,8 @@
 #   ./launch.sh CONFIG[:ARG] [--config.KEY=VALUE ...] [--workdir=DIR] [--allow_config_change]
 #                                        train any config file (python -m resnet_jax --help)
 #   ./launch.sh --keys [PATTERN]         every config key: type, default, meaning
-#   ./launch.sh test [PYTEST_ARGS ...]   run the test suite
+#   ./launch.sh test [PYTEST_ARGS ...]   run the test suite (first use also sets up the pinned
+#                                        PyTorch reference environment: RESNET_JAX_TORCH=0 skips)
 #   ./launch.sh setup                    only create/refresh the environment
 #   NPROC=N ./launch.sh CONFIG ...       N local processes (coordinator on localhost)
 #   srun ./launch.sh CONFIG ...          one process per SLURM task (detected by JAX)
@@ -32,6 +33,32 @@ setup_env() {
     || { echo "launch.sh: error: installing resnet_jax into $VENV failed (see pip output above)" >&2; exit 1; }
   rm -f "$VENV"/.resnet_jax-*
   touch "$stamp"
+}
+
+# The reference implementations our weights are proven against (tests/test_torchvision_parity.py)
+# in an interpreter of their own: TensorFlow and torch in one process crash. Linux torch
+# brings its CUDA libraries (~5.5 GB), so the environment is built once per machine and
+# pinned set, outside the checkout, and reused by every clone (RESNET_JAX_TORCH=0: skip it,
+# and the parity tests skip saying why).
+TORCH_PINS="torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors numpy"
+
+setup_torch_env() {
+  [ "${RESNET_JAX_TORCH:-1}" = 0 ] && return 0
+  local key env_dir start
+  key=$(echo "$TORCH_PINS" | sha256sum | cut -c1-12)
+  env_dir="${RESNET_JAX_TORCH_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/resnet_jax/torch-env-$key}"
+  if [ ! -f "$env_dir/.complete" ]; then
+    echo "launch.sh: setting up the PyTorch reference environment in $env_dir ($TORCH_PINS; once per machine, several GB) ..." >&2
+    start=$(date +%s)
+    rm -rf "$env_dir"
+    "$PYTHON" -m venv "$env_dir" && "$env_dir/bin/python" -m pip install --quiet \
+        --disable-pip-version-check $TORCH_PINS \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) \
+      || { echo "launch.sh: error: installing $TORCH_PINS into $env_dir failed (see pip output above; RESNET_JAX_TORCH=0 skips the parity tests)" >&2; exit 1; }
+    touch "$env_dir/.complete"
+    echo "launch.sh: PyTorch reference environment ready in $(( $(date +%s) - start )) s" >&2
+  fi
+  export RESNET_JAX_TORCH_PYTHON="$env_dir/bin/python"
 }
 
 run() {
@@ -67,6 +94,7 @@ case "$1" in
   test)
     shift
     setup_env
+    setup_torch_env
     cd "$ROOT"
     # Two or more pytest-xdist workers unless the arguments choose (-n, --numprocesses,
     # -p no:xdist): the suite's time is mostly XLA compiles, which use one core, and child

@@ -313,11 +313,13 @@ def test_bad_arguments_are_usage_errors(args, message):
   assert f"error: {message}" in proc.stderr.strip().splitlines()[-1], proc.stderr
 
 
+@pytest.mark.skipif(not os.environ.get("RESNET_JAX_TORCH_PYTHON"),
+                    reason="no PyTorch interpreter (./launch.sh test sets one up)")
 def test_torch_peer_compares_both_lowerings_with_pytorch(tmp_path):
-  pytest.importorskip("torch")
   out = tmp_path / "peer.json"
   proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, "experiments", "benchmark_torch_peer.py"),
+      [os.environ["RESNET_JAX_TORCH_PYTHON"],
+       os.path.join(REPO, "experiments", "benchmark_torch_peer.py"),
        "--model", "resnet20", "--image-size", "32", "--batch", "8", "--rounds", "1",
        "--steps", "1", "--warmup", "1", "--lowering", "auto,native",
        "--ours-python", sys.executable, "--json", str(out)],
