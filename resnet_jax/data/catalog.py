@@ -60,3 +60,27 @@ def normalization(data_cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
   if data_cfg.channel_order == "BGR":
     return spec.mean[::-1], spec.std[::-1]
   return spec.mean, spec.std
+
+
+def imagenet_data(config, *, batch_size: int, image_size: int = 224) -> None:
+  """Set `config.data` for ILSVRC2012 as every ImageNet recipe reads it: TFDS's
+  imagenet2012 prepared from the official tars in data.manual_dir (TFDS's default folder),
+  train on "train", evaluate every one of the 50,000 "validation" images, random-resized
+  crops of `image_size` with flips, eval resize + center crop (data.crop_pct), each process
+  reading its own 1/N of the split (reading ImageNet once per process would not scale), a
+  16k-image shuffle buffer (~1.8 GB of encoded images per process) and no in-memory cache
+  (1.28M encoded images do not fit). Recipes then set what differs between them."""
+  data = config.data
+  data.dataset = "imagenet2012"
+  data.manual_dir = "~/tensorflow_datasets/downloads/manual"
+  data.train_split = "train"
+  data.eval_split = "validation"
+  data.preprocess = "imagenet"
+  data.image_size = image_size
+  data.crop_pct = 0.875
+  data.random_flip = True
+  data.batch_size = batch_size
+  data.eval_batch_size = 0        # = batch_size; the last batch is padded and masked
+  data.process_sharding = "split"
+  data.shuffle_buffer = 16_384
+  data.cache = False
