@@ -272,7 +272,8 @@ def test_eval_only_scores_the_starting_weights_without_training_or_saving(
   code = cli.main(_argv(dict(overrides, eval_only=True), fresh))
   out = capsys.readouterr().out
   assert code == 0 and "37 arrays from" in out and "no training" in out, out
-  scored = json.load(open(fresh / "results.json"))
+  assert not (fresh / "results.json").exists()        # eval results go to their own file
+  scored = json.load(open(fresh / "eval_test_step0.json"))
   assert scored["eval_only"] and scored["step"] == 0 and scored["examples"] == 20
   # The file's weights; the trained run's differ only by BN statistics moved 1e-6.
   np.testing.assert_allclose(scored["loss"], final["loss"], rtol=1e-4)

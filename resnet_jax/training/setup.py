@@ -84,9 +84,10 @@ def prepare_data(config) -> Data:
 
 
 def create_model(model_cfg, num_classes: int, lowering: lowering_lib.Lowering, *,
-                 name: str = "", dtype: str = ""):
+                 name: str = "", dtype: str = "", frozen_bn: tuple[str, ...] = ()):
   """The model a config's `model` section describes, built with `lowering`'s layers
-  (`name` / `dtype` override the section's own)."""
+  (`name` / `dtype` override the section's own); `frozen_bn`: parts whose BatchNorm stays
+  in inference mode (ResNet.frozen_stages)."""
   overrides = {} if model_cfg.se_ratio < 0 else {"se_ratio": model_cfg.se_ratio}
   if model_cfg.bn_epsilon > 0:   # else the model's own (Keras-layout weights: 1.001e-5)
     overrides["bn_epsilon"] = model_cfg.bn_epsilon
@@ -96,7 +97,15 @@ def create_model(model_cfg, num_classes: int, lowering: lowering_lib.Lowering, *
                        zero_init_last_bn=model_cfg.zero_init_last_bn,
                        bn_momentum=model_cfg.bn_momentum,
                        bn_group_size=model_cfg.bn_group_size,
-                       **overrides, **lowering.layers)
+                       frozen_stages=tuple(frozen_bn), **overrides, **lowering.layers)
+
+
+def frozen_parts(config, model) -> set[str]:
+  """The parts of `model` that config.model.frozen names (ConfigError for an unknown one)."""
+  try:
+    return models.expand_parts(config.model.frozen, model.parts)
+  except ValueError as e:
+    raise ConfigError(f"config key 'model.frozen': {e}") from None
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -144,6 +153,14 @@ class Run:
   state_sharding: Any
   train_step: Callable              # jitted (state, batch) -> (state, metrics), donates state
   eval_steps: dict[str, Callable]   # "eval" (and "eval_ema"): jitted (state, batch) -> sums
+  # model.unfreeze_step > 0: the step from then on (the frozen parts' BatchNorm trains too)
+  unfrozen_train_step: Callable | None = None
+
+  def train_step_at(self, step: int) -> Callable:
+    """The compiled step for global step `step` (fine-tuning has two phases)."""
+    if self.unfrozen_train_step is not None and step >= self.config.model.unfreeze_step:
+      return self.unfrozen_train_step
+    return self.train_step
 
   @property
   def batch_sharding(self):
@@ -180,11 +197,22 @@ def build(config, inputs: Inputs, *, mesh: Mesh | None = None,
   lowering = lowering or lowering_lib.choose(config.lowering)
   model = create_model(config.model, inputs.num_classes, lowering, name=model_name,
                        dtype=dtype)
+  frozen = frozen_parts(config, model)
+  unfrozen_model = None
+  if frozen - {"head"}:
+    # Frozen parts' BatchNorm keeps its statistics (inference mode) while they are frozen.
+    unfrozen_model = model
+    model = model.clone(frozen_stages=tuple(sorted(frozen - {"head"})))
   steps_total = total_steps(config, inputs.steps_per_epoch)
   schedule = optimizer.create_schedule(config.optimizer, config.schedule,
                                        steps_per_epoch=inputs.steps_per_epoch,
                                        total_steps=steps_total)
-  tx = optimizer.create_optimizer(config.optimizer, schedule)
+  try:
+    tx = optimizer.create_optimizer(config.optimizer, schedule, model_parts=model.parts,
+                                    frozen=tuple(config.model.frozen),
+                                    unfreeze_step=config.model.unfreeze_step)
+  except ValueError as e:   # an unknown part in optimizer.lr_multipliers
+    raise ConfigError(str(e)) from None
   # Abstract state first: it gives the shardings, the jitted init and the restore target.
   use_ema = config.optimizer.ema_decay > 0
   init_fn = state_lib.make_init_fn(model, tx, (1,) + tuple(inputs.image_shape), config.seed,
@@ -192,10 +220,14 @@ def build(config, inputs: Inputs, *, mesh: Mesh | None = None,
   abstract_state = jax.eval_shape(init_fn)
   state_sharding = mesh_lib.state_shardings(abstract_state, mesh)
   batch_sharding, replicated = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-  train_step = lowering.jit(
-      make_train_step(config, model, tx, schedule, inputs),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,))
+  def jit_train_step(model):
+    return lowering.jit(make_train_step(config, model, tx, schedule, inputs),
+                        in_shardings=(state_sharding, batch_sharding),
+                        out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  train_step = jit_train_step(model)
+  unfrozen_train_step = (jit_train_step(unfrozen_model)
+                         if unfrozen_model is not None and config.model.unfreeze_step > 0
+                         else None)
   eval_steps = {
       name: lowering.jit(steps.make_eval_step(model, num_classes=inputs.num_classes,
                                               mean=inputs.mean, std=inputs.std,
@@ -206,7 +238,8 @@ def build(config, inputs: Inputs, *, mesh: Mesh | None = None,
   return Run(config=config, inputs=inputs, mesh=mesh, lowering=lowering, model=model,
              schedule=schedule, tx=tx, total_steps=steps_total, init_fn=init_fn,
              abstract_state=abstract_state, state_sharding=state_sharding,
-             train_step=train_step, eval_steps=eval_steps)
+             train_step=train_step, eval_steps=eval_steps,
+             unfrozen_train_step=unfrozen_train_step)
 
 
 def predictor(model_name: str, num_classes: int, lowering: lowering_lib.Lowering | None = None):

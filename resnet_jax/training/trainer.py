@@ -84,10 +84,16 @@ def write_config(config, workdir: str):
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _write_results(workdir: str, result: dict) -> None:
+def _write_results(workdir: str, result: dict, name: str = "results.json") -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+    with open(os.path.join(workdir, name), "w") as f:
       json.dump(result, f, indent=2)
+
+
+def eval_file_name(split: str, step: int, ema: bool = False) -> str:
+  """Where an evaluation of a workdir's checkpoint goes: never results.json, which holds
+  the training run's own final evaluation."""
+  return f"eval_{split}_step{step}{'_ema' if ema else ''}.json"
 
 
 def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
@@ -137,7 +143,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   except BaseException:
     ckpts.close()
     raise
-  write_config(config, workdir)   # after the checks above: a refused run changes nothing
+  # After the checks above, so a refused run changes nothing; an evaluation leaves the
+  # training run's record alone.
+  if not (config.eval_only and os.path.exists(os.path.join(workdir, "config.json"))):
+    write_config(config, workdir)
   for line in warnings:
     _log(line)
   if state is not None:
@@ -159,7 +168,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
        f"{nproc} process(es); {steps_per_epoch} steps/epoch, {total_steps} steps")
   _log(start_up_line(run.lowering))
 
-  train_step, eval_steps = run.train_step, run.eval_steps
+  eval_steps = run.eval_steps
   builder, eval_split = data.builder, data.eval_split
   train_split = data.train_split
   eval_cache: dict = {}
@@ -209,7 +218,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     result = dict(score(lambda name, metrics: _log(
         f"{name}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))),
                   step=start_step, train_seconds=0.0, eval_only=True)
-    _write_results(workdir, result)
+    name = eval_file_name(data_cfg.eval_split, start_step)
+    _write_results(workdir, result, name)
+    _log(f"eval_only: results in {os.path.join(workdir, name)} (results.json is the "
+         "training run's)")
     return result
 
   stop_at = total_steps
@@ -244,7 +256,11 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         log.write(log_step, "train", means)
 
     for step in range(start_step, stop_at):
-      state, metrics = train_step(state, mesh_lib.global_batch(next(train_iter), mesh))
+      if step == config.model.unfreeze_step and config.model.frozen and step > 0:
+        _log(f"step {step}: model.frozen parts ({', '.join(config.model.frozen)}) train from "
+             "here on (model.unfreeze_step)")
+      state, metrics = run.train_step_at(step)(state,
+                                              mesh_lib.global_batch(next(train_iter), mesh))
       if pending is not None:
         log_train(pending)
       pending = (step + 1, metrics)
