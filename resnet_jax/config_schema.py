@@ -122,7 +122,7 @@ KEYS = (
         ("sgd", "lars", "lamb", "adamw")),
     Key("optimizer.learning_rate", 0.1, "peak learning rate"),
     Key("optimizer.momentum", 0.9, "SGD and LARS momentum"),
-    Key("optimizer.nesterov", False, "Nesterov momentum (sgd)"),
+    Key("optimizer.nesterov", False, "Nesterov momentum (sgd, lars)"),
     Key("optimizer.beta1", 0.9, "lamb / adamw: first-moment decay"),
     Key("optimizer.beta2", 0.999, "lamb / adamw: second-moment decay"),
     Key("optimizer.epsilon", 1e-8, "lamb / adamw: added to the second moment's root"),
