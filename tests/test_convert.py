@@ -4,6 +4,7 @@ No downloads and no torch needed (the .pth cases skip without torch); parity of 
 pass against real torchvision / timm models is tests/test_torchvision_parity.py.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -135,6 +136,42 @@ def test_our_file_keeps_weights_and_metadata(tmp_path):
   assert set(header) == {"format", "model", "num_classes", "preprocessing", "source"}
 
 
+def test_class_names_and_greyscale_models_in_the_file(tmp_path):
+  """Optional class_names in the header (one per class; absent: info has none); a model
+  whose stem takes 1-channel images (a run on digits) with 1-value mean/std."""
+  path = str(tmp_path / "named.safetensors")
+  names = ["cat", "dog", "tench, Tinca tinca"]
+  variables = random_variables("resnet18", 3)
+  prep = weights_file.PREPROCESSING["torchvision"]
+  weights_file.save(path, variables, "resnet18", prep, "test", class_names=names)
+  assert weights_file.read_info(path)["class_names"] == names
+  assert weights_file.load(path)[1]["class_names"] == names
+  with pytest.raises(ValueError) as e:
+    weights_file.save(path, variables, "resnet18", prep, "test", class_names=["a", "b"])
+  _one_line_error(e, "class_names must be 3 strings")
+  # The names travel into the torchvision-layout export's metadata too.
+  exported = str(tmp_path / "tv.safetensors")
+  convert.export_file(path, exported)
+  assert json.loads(weights_file.read_header(exported)["class_names"]) == names
+
+  grey = jax.tree.map(lambda x: np.ones(x.shape, np.float32),
+                      weights_file.abstract_variables("resnet8", 10, channels=1))
+  assert weights_file.channels_of(grey) == 1 and weights_file.channels_of(variables) == 3
+  grey_prep = dict(image_size=8, crop_pct=1.0, interpolation="bilinear", channel_order="RGB",
+                   mean=[78.0], std=[96.0])
+  grey_path = str(tmp_path / "grey.safetensors")
+  weights_file.save(grey_path, grey, "resnet8", grey_prep, "test")
+  back, info = weights_file.load(grey_path)
+  assert_trees_equal(grey, back)
+  assert info["preprocessing"] == grey_prep and "class_names" not in info
+  with pytest.raises(ValueError) as e:     # 3 values for a 1-channel stem
+    weights_file.save(grey_path, grey, "resnet8", prep, "test")
+  _one_line_error(e, "preprocessing mean needs 1 value(s)")
+  with pytest.raises(ValueError) as e:
+    weights_file.save(grey_path, grey, "resnet8", dict(grey_prep, resize="stretch"), "test")
+  _one_line_error(e, "resize='stretch'")
+
+
 def test_keras_preprocessing_metadata_survives(tmp_path):
   from resnet_jax.convert import keras_layout
   v1, v2 = keras_layout.PREPROCESSING["resnet50_v1"], keras_layout.PREPROCESSING["resnet50_v2"]
@@ -256,6 +293,13 @@ def test_pth_without_torch_is_one_clear_error(tmp_path, monkeypatch):
     (["import", "--model", "resnet18", "--from", "timm", "IN", "O.safetensors",
       "--preprocessing", "{crop"], "--preprocessing is not JSON"),
     (["export", "absent.safetensors", "O.safetensors"], "no such file"),
+    (["from-run", "absent_workdir", "O.safetensors"], "absent_workdir: no such directory"),
+    # a directory that is not a run's workdir
+    (["from-run", os.path.join(REPO, "tests"), "O.safetensors"],
+     "tests: no checkpoints in checkpoints/"),
+    (["from-run", "--best", os.path.join(REPO, "tests"), "O.safetensors"],
+     "tests: no best checkpoint"),
+    (["from-run", os.path.join(REPO, "tests"), "O.h5"], "must end with .safetensors"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
   assert cli.main(argv) == 2

@@ -1,7 +1,10 @@
 """`python -m resnet_jax.predict`: the printed top-k is the model's softmax on the image
 preprocessed as the weights file says (size, crop, interpolation, channel order, mean/std);
-bad input gives one line and exit code 2."""
+batches of any size give the same results; directories expand to their images; an image
+that cannot be read or decoded is named in one line while the others are still predicted
+(exit 1); a bad weights file gives one line and exit code 2; --json parses."""
 
+import json
 import re
 
 import jax
@@ -61,11 +64,11 @@ def _direct(variables, image_path, pre):
 
 
 def _printed(out):
-  """{image path: [(class, probability)]} from predict's stdout."""
+  """{image path: [(class, probability)]} from predict's stdout: `PATH  C [NAME] P  ...`."""
   rows = {}
   for line in out.strip().splitlines():
-    path, *ranked = line.split()
-    rows[path] = [(int(c), float(p)) for c, p in (r.split(":") for r in ranked)]
+    path, *ranked = line.split("  ")
+    rows[path] = [(int(r.split()[0]), float(r.split()[-1])) for r in ranked]
   return rows
 
 
@@ -119,8 +122,11 @@ def test_bad_input_one_line_exit_2(variables, tmp_path, capsys):
   weights = _weights(tmp_path, variables)
   image = _write(tmp_path / "ok.jpg", _image())
   missing = str(tmp_path / "no_such.jpg")
-  assert predict.main(["--weights", weights, image, missing]) == 2
-  assert missing in _one_error_line(capsys)
+  # A missing image: named alone, the others still predicted, exit 1.
+  assert predict.main(["--weights", weights, image, missing]) == 1
+  captured = capsys.readouterr()
+  assert list(_printed(captured.out)) == [image]
+  assert captured.err.strip() == f"predict: error: {missing}: no such file"
 
   text = tmp_path / "weights.safetensors"
   text.write_text("these are not weights\n")
@@ -140,5 +146,135 @@ def test_bad_input_one_line_exit_2(variables, tmp_path, capsys):
 
   not_image = tmp_path / "notes.jpg"
   not_image.write_text("not an image")
-  assert predict.main(["--weights", weights, str(not_image)]) == 2
+  assert predict.main(["--weights", weights, str(not_image)]) == 1
   assert str(not_image) in _one_error_line(capsys)
+
+  for flag in ("--batch-size", "--top"):
+    with pytest.raises(SystemExit) as e:
+      predict.main(["--weights", weights, flag, "0", image])
+    assert e.value.code == 2
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
+
+
+def _json_rows(out):
+  return [json.loads(line) for line in out.strip().splitlines()]
+
+
+def test_batch_size_does_not_change_the_results(variables, tmp_path, capsys):
+  """10 images through batches of 1, of 7 (7 + a padded 3) and of the default (one padded
+  batch): the same classes in the same order, the same probabilities."""
+  weights = _weights(tmp_path, variables)
+  images = [_write(tmp_path / f"img{i:02d}.jpg", _image(i, 60 + 7 * i, 90 - 3 * i))
+            for i in range(10)]
+  runs = {}
+  for batch in ("1", "7", None):
+    flags = ["--batch-size", batch] if batch else []
+    assert predict.main(["--weights", weights, "--json", "--top", "10", *flags, *images]) == 0
+    rows = _json_rows(capsys.readouterr().out)
+    assert [r["path"] for r in rows] == images
+    runs[batch] = rows
+  for batch in ("7", None):
+    for one, other in zip(runs["1"], runs[batch]):
+      assert [t["index"] for t in one["top"]] == [t["index"] for t in other["top"]]
+      np.testing.assert_allclose([t["probability"] for t in one["top"]],
+                                 [t["probability"] for t in other["top"]], rtol=1e-5,
+                                 atol=1e-7)
+  # ... and they are the model's: each image's probabilities as computed here.
+  for path, row in zip(images, runs["7"]):
+    probs = _direct(variables, path, PRE)
+    assert [t["index"] for t in row["top"]] == list(np.argsort(-probs))
+    np.testing.assert_allclose([t["probability"] for t in row["top"]], np.sort(probs)[::-1],
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_a_directory_is_its_image_files_sorted_and_recursive(variables, tmp_path, capsys):
+  weights = _weights(tmp_path, variables)
+  root = tmp_path / "photos"
+  (root / "b").mkdir(parents=True)
+  (root / "a" / "deep").mkdir(parents=True)
+  expected = [_write(root / "a" / "deep" / "x.png", _image(1), "png"),
+              _write(root / "a" / "z.JPG", _image(2)),
+              _write(root / "b" / "y.jpeg", _image(3)),
+              _write(root / "c.jpg", _image(4))]
+  (root / "notes.txt").write_text("not an image, not an image name: left out")
+  _write(root / "._c.jpg", _image(5))             # a hidden file (macOS metadata): left out
+  single = _write(tmp_path / "single.jpg", _image(6))
+  assert predict.main(["--weights", weights, "--batch-size", "3", str(root), single]) == 0
+  captured = capsys.readouterr()
+  assert list(_printed(captured.out)) == expected + [single] and captured.err == ""
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert predict.main(["--weights", weights, str(empty), single]) == 1
+  captured = capsys.readouterr()
+  assert list(_printed(captured.out)) == [single]
+  assert captured.err.startswith(f"predict: error: {empty}: a directory without image files")
+
+
+def test_a_corrupt_file_is_named_alone_and_the_others_predicted(variables, tmp_path, capsys):
+  weights = _weights(tmp_path, variables)
+  folder = tmp_path / "mixed"
+  folder.mkdir()
+  good = [_write(folder / f"{name}.jpg", _image(i)) for i, name in enumerate("abde")]
+  corrupt = folder / "c.jpg"
+  corrupt.write_bytes(open(good[0], "rb").read()[:200])      # a JPEG cut short
+  truncated_png = folder / "f.png"
+  truncated_png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+  assert predict.main(["--weights", weights, "--batch-size", "2", str(folder)]) == 1
+  captured = capsys.readouterr()
+  assert list(_printed(captured.out)) == good
+  err = captured.err.strip().splitlines()
+  assert len(err) == 2 and "Traceback" not in captured.err, captured.err
+  for line, bad in zip(err, (corrupt, truncated_png)):
+    assert line.startswith(f"predict: error: {bad}: cannot decode it as an image")
+    assert not any(g in line for g in good)
+  # The good images' results are the ones they get on their own.
+  assert predict.main(["--weights", weights, *good]) == 0
+  assert _printed(capsys.readouterr().out) == _printed(captured.out)
+
+
+def test_names_come_from_the_file_else_imagenet_else_none(variables, tmp_path, capsys):
+  names = [f"class {chr(65 + i)}" for i in range(CLASSES)]       # names may hold spaces
+  weights = str(tmp_path / "named.safetensors")
+  weights_file.save(weights, variables, MODEL, PRE, source="test", class_names=names)
+  image = _write(tmp_path / "img.jpg", _image())
+  assert predict.main(["--weights", weights, "--json", "--top", "3", image]) == 0
+  row, = _json_rows(capsys.readouterr().out)
+  assert row["path"] == image and len(row["top"]) == 3
+  assert [t["name"] for t in row["top"]] == [names[t["index"]] for t in row["top"]]
+  assert predict.main(["--weights", weights, "--top", "2", image]) == 0
+  line = capsys.readouterr().out.strip()
+  c0, c1 = (t["index"] for t in row["top"][:2])
+  p0, p1 = (t["probability"] for t in row["top"][:2])
+  assert line == f"{image}  {c0} {names[c0]} {p0:.3f}  {c1} {names[c1]} {p1:.3f}"
+  # Without names in the file: the index alone (null in JSON).
+  assert predict.main(["--weights", _weights(tmp_path, variables), "--json", image]) == 0
+  assert all(t["name"] is None for t in _json_rows(capsys.readouterr().out)[0]["top"])
+  # 1000 classes: ImageNet's, from the label file TFDS ships (WordNet ids, index order).
+  imagenet = predict.imagenet_class_names()
+  assert len(imagenet) == 1000 and imagenet[0] == "n01440764" and imagenet[-1] == "n15075141"
+  assert predict.class_names({"num_classes": 1000}) == imagenet
+  assert predict.class_names({"num_classes": 1000, "class_names": names}) == names
+  assert predict.class_names({"num_classes": 10}) is None
+
+
+def test_greyscale_and_squash_preprocessing(tmp_path):
+  """A 1-channel model's input: the image decoded as greyscale; "resize": "squash" (an
+  image folder prepared for a cifar-style run): the whole image resized, not cropped."""
+  import tensorflow as tf
+  grey = _image(7, 8, 8)[..., :1]
+  path = _write(tmp_path / "grey.png", grey, "png")
+  pre = dict(PRE, image_size=8, crop_pct=1.0, mean=[78.0], std=[96.0])
+  x = predict.preprocess(open(path, "rb").read(), pre)
+  np.testing.assert_array_equal(x, (grey.astype(np.float32) - 78) / 96)
+  wide = _image(8, 40, 70)
+  path = _write(tmp_path / "wide.png", wide, "png")
+  squash = dict(PRE, image_size=16, crop_pct=1.0, resize="squash")
+  resized = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(wide, (16, 16),
+                                                              antialias=True)), 0, 255),
+                    tf.uint8).numpy()
+  np.testing.assert_array_equal(predict.preprocess(open(path, "rb").read(), squash),
+                                (resized - np.float32(PRE["mean"])) / np.float32(PRE["std"]))
+  # The same file and size, cropped: a center square, not the squashed whole.
+  cropped = predict.preprocess(open(path, "rb").read(), dict(squash, resize="crop"))
+  assert cropped.shape == (16, 16, 3) and np.abs(cropped - predict.preprocess(
+      open(path, "rb").read(), squash)).max() > 0.1

@@ -1,8 +1,9 @@
-"""Weight conversion: torchvision / timm / Keras files -> our `.safetensors`, and ours ->
-a torchvision-layout `.safetensors`.
+"""Weight conversion: torchvision / timm / Keras files -> our `.safetensors`, ours ->
+a torchvision-layout `.safetensors`, and a training run's checkpoint -> our `.safetensors`.
 
   python -m resnet_jax.convert import --model resnet50 --from torchvision r50.pth r50.safetensors
   python -m resnet_jax.convert export --model resnet50 r50.safetensors r50_tv.safetensors
+  python -m resnet_jax.convert from-run experiments/runs/digits_resnet20 digits.safetensors
 
 From Python:
   variables, info = convert.import_file("resnet50.pth", "resnet50", "torchvision")
@@ -250,5 +251,234 @@ def export_file(in_path: str, out_path: str, model_name: str | None = None) -> d
               "preprocessing": json.dumps(info["preprocessing"]),
               "source": f"resnet_jax export of {os.path.basename(in_path)} "
                         f"({info['source']})"}
+  if info.get("class_names") is not None:
+    metadata["class_names"] = json.dumps(info["class_names"])
   weights_file.write_safetensors(out_path, state, metadata)
   return info
+
+
+# ------------------------------------------------------------------ a training run's weights
+#
+# Read-only: the run's checkpoints are opened with a read-only Orbax manager (no folder
+# created, no temporary folder of a save in progress cleaned up, nothing moved aside), so a
+# run may be converted or evaluated while it still trains.
+
+_CHECKPOINT_DIRS = {False: "checkpoints", True: "checkpoints_best"}
+
+
+def _read_only_manager(directory: str):
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                         save_interval_steps=0)
+  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def run_checkpoint_steps(workdir: str, *, best: bool = False) -> list[int]:
+  """The complete saves in WORKDIR/checkpoints (best: checkpoints_best), oldest first."""
+  directory = os.path.join(workdir, _CHECKPOINT_DIRS[best])
+  if not os.path.isdir(directory):
+    return []
+  manager = _read_only_manager(directory)
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
+def select_run_checkpoint(workdir: str, *, step: int | None = None,
+                          best: bool = False) -> tuple[str, int]:
+  """(checkpoint directory, step) of a run: its latest save, save `step`, or (best) its best
+  one. ValueError (one line) for a workdir without checkpoints or without that step."""
+  if not os.path.isdir(workdir):
+    raise ValueError(f"{workdir}: no such directory (expected a training run's workdir)")
+  directory = os.path.join(os.path.abspath(workdir), _CHECKPOINT_DIRS[best])
+  steps = run_checkpoint_steps(workdir, best=best)
+  if not steps:
+    if best:
+      raise ValueError(f"{workdir}: no best checkpoint in {_CHECKPOINT_DIRS[True]}/ (kept "
+                       "at evaluations when checkpoint.best_metric is set); use the latest "
+                       "(no --best) or --step N")
+    raise ValueError(f"{workdir}: no checkpoints in {_CHECKPOINT_DIRS[False]}/ (not a "
+                     "training run's workdir, or it has saved nothing yet)")
+  if step is None:
+    return directory, steps[-1]
+  if step not in steps:
+    held = ", ".join(map(str, steps))
+    raise ValueError(f"{workdir}: no checkpoint at step {step} in "
+                     f"{_CHECKPOINT_DIRS[best]}/ (it holds step(s) {held})")
+  return directory, step
+
+
+def read_run_checkpoint(directory: str, step: int, target=None) -> tuple[Any, dict]:
+  """(state, meta) of save `step` in `directory`, read-only, its arrays checked against the
+  checksums saved with them. `target`: the abstract state (with shardings) to restore into;
+  None: the saved tree as nested dicts on this process's first device. ValueError (one
+  line) for a save that does not read or does not match its checksums."""
+  import jax  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from resnet_jax.training import checkpoints  # noqa: PLC0415
+  where = f"checkpoint {directory}/{step}"
+  manager = _read_only_manager(directory)
+  try:
+    if target is None:
+      saved = manager.item_metadata(step)["state"]
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  except Exception as e:  # noqa: BLE001 -- any read failure: one line naming the save
+    raise ValueError(f"{where} is unreadable "
+                     f"({checkpoints.failure_reason(e, os.path.dirname(directory))})") from None
+  finally:
+    manager.close()
+  try:
+    checkpoints.verify_checksums(restored["state"], restored["meta"])
+  except checkpoints.ChecksumMismatch as e:
+    raise ValueError(f"{where}: {e}") from None
+  return restored["state"], restored["meta"]
+
+
+def _get(tree, name):
+  return tree.get(name) if isinstance(tree, Mapping) else getattr(tree, name, None)
+
+
+def run_has_ema(state) -> bool:
+  """Whether a restored state carries EMA weights (optimizer.ema_decay > 0 in its run)."""
+  return bool(_get(state, "ema_params"))
+
+
+def run_variables(state, *, ema: bool = False) -> dict:
+  """{"params", "batch_stats"} of a restored run state: the raw weights or their EMA, as
+  host numpy arrays."""
+  import jax  # noqa: PLC0415
+  names = ("ema_params", "ema_batch_stats") if ema else ("params", "batch_stats")
+  return {c: jax.tree.map(np.asarray, jax.device_get(dict(_get(state, n) or {})))
+          for c, n in zip(weights_file.COLLECTIONS, names)}
+
+
+def run_preprocessing(config, image_shape) -> dict:
+  """What the run's evaluation feeds its model, as the weights file records it: the eval
+  crop (data.eval_image_size or data.image_size for data.preprocess "imagenet", else the
+  dataset's image size), crop_pct, interpolation, channel order and mean/std
+  (catalog.normalization: the config's, else the dataset's)."""
+  from resnet_jax.data import catalog  # noqa: PLC0415
+  data = config.data
+  mean, std = catalog.normalization(data)
+  table = {"channel_order": data.channel_order, "mean": [float(v) for v in mean],
+           "std": [float(v) for v in std]}
+  if data.preprocess == "imagenet":
+    table.update(image_size=int(data.eval_image_size or data.image_size),
+                 crop_pct=float(data.crop_pct), interpolation=data.interpolation)
+  else:
+    # cifar-style: the stored images as they are (an image folder's resized whole, not
+    # cropped, to data.image_size when it was prepared).
+    table.update(image_size=int(image_shape[0]), crop_pct=1.0, interpolation="bilinear")
+    if data.dataset == "image_folder":
+      table["resize"] = "squash"
+  return table
+
+
+def dataset_labels(config) -> tuple[list[str] | None, tuple[int, ...], str]:
+  """(class names or None, stored image shape, why there are no names) of the run's
+  dataset, from its TFDS builder's info, read without preparing anything (no download,
+  nothing written):
+  - a prepared dataset (the run's data_dir as it trained): the label names it recorded
+    (digits "0".."9"; cifar10 "airplane", ...; imagenet2012 WordNet ids);
+  - an image folder: its class folders' names, prepared or not;
+  - another dataset not prepared in data_dir: the names its builder defines in code
+    (imagenet2012: TFDS's ILSVRC2012 label file), None where those are only the indices
+    (cifar10's names come with its download).
+  Raises when the builder cannot be made (e.g. the image folder is gone)."""
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  from resnet_jax.data import datasets, image_folder  # noqa: PLC0415
+  data = config.data
+  data_dir = datasets.resolve_data_dir(data.data_dir)
+  if data.dataset == "image_folder":
+    root = os.path.expanduser(data.image_folder)
+    if not os.path.isdir(root):
+      raise ValueError(f"data.image_folder {data.image_folder!r} is not a directory")
+    builder = image_folder.ImageFolder(root_dir=root, image_size=data.image_size,
+                                       corrupt=data.corrupt_images, data_dir=data_dir,
+                                       keep_encoded=data.preprocess == "imagenet")
+  else:
+    builder = tfds.builder(datasets.DATASETS[data.dataset].tfds_name, data_dir=data_dir)
+  features = builder.info.features
+  names, shape = list(features["label"].names), tuple(features["image"].shape)
+  if (data.dataset != "image_folder" and not builder.is_prepared()
+      and names == [str(i) for i in range(len(names))]):
+    return None, shape, f"not prepared in {data_dir}"
+  return names, shape, ""
+
+
+def weights_from_run(workdir: str, *, step: int | None = None, best: bool = False,
+                     ema: bool = False) -> tuple[dict, dict, list[str]]:
+  """(variables, info, notes) of a run's checkpoint (latest, `step` or best; raw or EMA):
+  what `from_run_file` writes. info as weights_file.load's, with class_names; notes: lines
+  worth saying (class names that could not be read, model settings the file cannot hold).
+  ValueError (one line) for a workdir without checkpoints, a missing step, --ema on a run
+  without EMA, a run whose model the file cannot describe."""
+  from resnet_jax import config_cli  # noqa: PLC0415
+  directory, step = select_run_checkpoint(workdir, step=step, best=best)
+  config = config_cli.load_recorded(workdir)
+  if ema and config.optimizer.ema_decay <= 0:
+    raise ValueError(f"{workdir}: --ema, but the run kept no EMA of its weights "
+                     f"(optimizer.ema_decay={config.optimizer.ema_decay})")
+  state, meta = read_run_checkpoint(directory, step)
+  if ema and not run_has_ema(state):
+    raise ValueError(f"{workdir}: --ema, but checkpoint {directory}/{step} holds no EMA "
+                     "weights")
+  model_name = config.model.name
+  if meta.get("model", model_name) != model_name:
+    raise ValueError(f"checkpoint {directory}/{step} holds {meta['model']}, the run's "
+                     f"config.json says model.name={model_name!r}")
+  variables = run_variables(state, ema=ema)
+  try:
+    weights_file.verify(variables, model_name)
+  except ValueError as e:
+    raise ValueError(f"{workdir}: the run's model does not fit the registered "
+                     f"{model_name} a weights file names ({e})") from None
+  num_classes = weights_file.num_classes_of(variables)
+  notes = []
+  if config.model.bn_epsilon > 0:
+    notes.append(f"the run's model.bn_epsilon={config.model.bn_epsilon} is not recorded in "
+                 f"the file: {model_name} is rebuilt with its own BatchNorm epsilon")
+  image_shape = None
+  try:
+    names, image_shape, why = dataset_labels(config)
+    if names is not None and len(names) != num_classes:
+      names, why = None, f"{len(names)} labels for a {num_classes}-class head"
+  except Exception as e:  # noqa: BLE001 -- any reason the dataset's info cannot be read
+    names, why = None, weights_file.first_line(e)
+  if names is None:
+    names = [str(i) for i in range(num_classes)]
+    notes.append(f"class names of {config.data.dataset} not available ({why}); stored "
+                 f"0..{num_classes - 1}")
+  if config.data.preprocess != "imagenet" and not image_shape:
+    if config.data.image_size <= 0:
+      raise ValueError(f"{workdir}: cannot tell the image size the run's model takes "
+                       f"({config.data.dataset}'s info is not available)")
+    image_shape = (config.data.image_size,) * 2
+  preprocessing = run_preprocessing(config, image_shape)
+  if len(preprocessing["mean"]) != weights_file.channels_of(variables):
+    raise ValueError(f"{workdir}: mean/std {preprocessing['mean']}/{preprocessing['std']} do "
+                     f"not fit the model's {weights_file.channels_of(variables)}-channel "
+                     "input")
+  kind = "ema" if ema else "raw"
+  source = (f"resnet_jax run {os.path.abspath(workdir)} {_CHECKPOINT_DIRS[best]}/{step} "
+            f"({kind} weights; {config.data.dataset})")
+  info = {"model": model_name, "num_classes": num_classes,
+          "preprocessing": weights_file.check_preprocessing(
+              preprocessing, weights_file.channels_of(variables)),
+          "source": source, "class_names": names, "step": step}
+  return variables, info, notes
+
+
+def from_run_file(workdir: str, out_path: str, *, step: int | None = None,
+                  best: bool = False, ema: bool = False) -> tuple[dict, list[str]]:
+  """weights_from_run, then weights_file.save to `out_path`; returns (info, notes)."""
+  variables, info, notes = weights_from_run(workdir, step=step, best=best, ema=ema)
+  weights_file.save(out_path, variables, info["model"], info["preprocessing"],
+                    info["source"], class_names=info["class_names"])
+  return info, notes

@@ -1,18 +1,26 @@
-"""python -m resnet_jax.convert import|export ...  (see resnet_jax/convert/__init__.py)
+"""python -m resnet_jax.convert import|export|from-run ...  (see resnet_jax/convert/__init__.py)
 
 Bad input (unknown model, keys or shapes that do not fit, a .pth without torch, a file that
-is not what its flag promised) stops with one line on stderr and exit code 2.
+is not what its flag promised, a workdir without checkpoints, a missing step, --ema on a run
+without EMA) stops with one line on stderr and exit code 2.
 """
 
 import argparse
 import json
+import logging
+import os
 import sys
+
+# from-run reads the dataset's labels through TFDS: keep TensorFlow's C++ logging out.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 USAGE_EXAMPLES = """examples (prefix: python -m resnet_jax.convert):
   import --model resnet50 --from torchvision resnet50.pth r50.safetensors
   import --model resnet50d --from timm model.safetensors r50d.safetensors
   import --model resnet50_v1 --from keras resnet50.weights.h5 r50v1.safetensors
   export --model resnet50 r50.safetensors r50_torchvision.safetensors
+  from-run experiments/runs/digits_resnet20 digits.safetensors          # latest checkpoint
+  from-run --best --ema experiments/runs/digits_resnet20 digits_best_ema.safetensors
 """
 
 
@@ -20,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m resnet_jax.convert", epilog=USAGE_EXAMPLES,
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Convert ResNet weights: torchvision / timm / Keras -> resnet_jax, and "
-                  "resnet_jax -> torchvision layout. Outputs are .safetensors.")
+      description="Convert ResNet weights: torchvision / timm / Keras -> resnet_jax, "
+                  "resnet_jax -> torchvision layout, and a training run's checkpoint -> "
+                  "resnet_jax. Outputs are .safetensors.")
   sub = parser.add_subparsers(dest="command", required=True)
   imp = sub.add_parser("import", help="torchvision/timm/Keras file -> our .safetensors")
   imp.add_argument("--model", required=True, help="registered name, e.g. resnet50")
@@ -39,6 +48,21 @@ def _parser() -> argparse.ArgumentParser:
   exp.add_argument("--model", default=None, help="must match the file's model if given")
   exp.add_argument("input", help="our .safetensors")
   exp.add_argument("output", help="torchvision-layout .safetensors")
+  run = sub.add_parser(
+      "from-run", help="a training run's checkpoint -> our .safetensors",
+      description="Write a run's checkpoint (latest, --step N or --best; raw weights or "
+                  "--ema) as our weights file, with the run's model, its class names and "
+                  "the preprocessing its evaluation used (from WORKDIR/config.json), so "
+                  "`predict` and `export` take it. Reads the workdir only.")
+  which = run.add_mutually_exclusive_group()
+  which.add_argument("--step", type=int, default=None, metavar="N",
+                     help="the save of step N in WORKDIR/checkpoints (default: the latest)")
+  which.add_argument("--best", action="store_true",
+                     help="the best save (WORKDIR/checkpoints_best, by checkpoint.best_metric)")
+  run.add_argument("--ema", action="store_true",
+                   help="the EMA of the weights (runs with optimizer.ema_decay > 0)")
+  run.add_argument("workdir", help="the run's workdir (config.json, checkpoints/)")
+  run.add_argument("output", help="our .safetensors")
   return parser
 
 
@@ -47,6 +71,14 @@ def _run(args) -> str:
   from resnet_jax import convert  # noqa: PLC0415
   if not args.output.endswith(".safetensors"):
     raise ValueError(f"output {args.output!r} must end with .safetensors")
+  if args.command == "from-run":
+    info, notes = convert.from_run_file(args.workdir, args.output, step=args.step,
+                                        best=args.best, ema=args.ema)
+    for note in notes:
+      print(f"convert: note: {note}", file=sys.stderr)
+    return (f"wrote {args.output}: {info['model']}, {info['num_classes']} classes, "
+            f"{'EMA' if args.ema else 'raw'} weights of step {info['step']} "
+            f"({'best' if args.best else 'checkpoints'}) of {args.workdir}")
   if args.command == "import":
     overrides = _parse_overrides(args.preprocessing)
     info = convert.convert_file(args.input, args.output, args.model, args.source,
@@ -71,6 +103,10 @@ def _parse_overrides(text):
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  # Orbax and TFDS (from-run) log through absl at WARNING what this command cannot act on.
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
   try:
     print(_run(args))
   except (ValueError, KeyError, OSError) as e:
@@ -78,6 +114,8 @@ def main(argv=None) -> int:
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     print(f"convert: error: {' '.join(str(message).split())}", file=sys.stderr)
     return 2
+  finally:
+    absl_log.setLevel(level)
   return 0
 
 

@@ -7,7 +7,13 @@ Header metadata (safetensors allows a str -> str dict):
   model          registered name (models.list_models())
   num_classes    "1000" ("0": a headless backbone)
   preprocessing  JSON: image_size, crop_pct, interpolation, channel_order ("RGB"/"BGR"),
-                 mean and std in 0..255 units -- what the weights expect of their input
+                 mean and std in 0..255 units, one value per input channel (3; 1 for a
+                 model trained on greyscale images, e.g. digits) -- what the weights expect
+                 of their input. Optional "resize": "squash" (resize the whole image to
+                 image_size x image_size, as an image folder prepared for cifar-style
+                 runs is) instead of the default shorter-side resize and center crop
+  class_names    optional, JSON list of num_classes strings (a run's dataset's labels;
+                 written by `convert from-run`); files without it read as before
   source         where they came from, e.g. "torchvision:resnet50 resnet50.pth sha256=..."
 safetensors holds no code, so reading a file never executes anything.
 """
@@ -64,17 +70,32 @@ def preprocessing_for(source: str, model_name: str) -> dict:
 
 
 PREPROCESSING_KEYS = ("image_size", "crop_pct", "interpolation", "channel_order", "mean", "std")
+CHANNELS = (1, 3)                 # input channels a file's model may take: greyscale or colour
+RESIZES = ("crop", "squash")      # preprocessing "resize" (optional; default "crop")
+_STEM_CONVS = ("stem_conv", "stem_conv1")   # the first conv of each stem (models/resnet.py)
 
 
-def abstract_variables(model_name: str, num_classes: int) -> dict:
-  """{"params", "batch_stats"} of jax.ShapeDtypeStruct for a registered model: no compute.
+def abstract_variables(model_name: str, num_classes: int, channels: int = 3) -> dict:
+  """{"params", "batch_stats"} of jax.ShapeDtypeStruct for a registered model taking
+  `channels`-channel images: no compute.
 
   Parameter shapes do not depend on the input size, so a small input keeps tracing cheap.
   """
   model = models.create(model_name, num_classes=num_classes)
   size = 64 if models.MODEL_SPECS[model_name]["stem"] in ("imagenet", "deep") else 32
-  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                             jnp.zeros((1, size, size, channels)))
   return {c: dict(variables.get(c, {})) for c in COLLECTIONS}
+
+
+def channels_of(variables: Mapping[str, Any]) -> int:
+  """The input channels the first (stem) conv's kernel takes; 3 when it has none."""
+  params = variables.get("params", {})
+  for name in _STEM_CONVS:
+    conv = params.get(name)
+    if isinstance(conv, Mapping) and len(np.shape(conv.get("kernel"))) == 4:
+      return int(np.shape(conv["kernel"])[2])
+  return 3
 
 
 def num_classes_of(variables: Mapping[str, Any]) -> int:
@@ -91,7 +112,11 @@ def verify(variables: Mapping[str, Any], model_name: str) -> None:
   extra = set(variables) - set(COLLECTIONS)
   if extra:
     raise ValueError(f"unexpected variable collections {sorted(extra)}")
-  expected = _shapes(abstract_variables(model_name, num_classes_of(variables)))
+  channels = channels_of(variables)
+  if channels not in CHANNELS:
+    raise ValueError(f"{model_name}'s stem takes {channels}-channel images; expected "
+                     f"{' or '.join(map(str, CHANNELS))}")
+  expected = _shapes(abstract_variables(model_name, num_classes_of(variables), channels))
   got = _shapes(variables)
   missing = sorted(set(expected) - set(got))
   unexpected = sorted(set(got) - set(expected))
@@ -111,34 +136,56 @@ def _shapes(variables: Mapping[str, Any]) -> dict[str, tuple]:
           for path, x in torch_layout.flatten(variables.get(c, {})).items()}
 
 
-def check_preprocessing(preprocessing: Mapping[str, Any]) -> dict:
-  """A complete, JSON-able preprocessing dict (ValueError naming the bad field)."""
+def check_preprocessing(preprocessing: Mapping[str, Any], channels: int | None = None) -> dict:
+  """A complete, JSON-able preprocessing dict (ValueError naming the bad field). mean/std
+  hold one value per input channel: `channels` of them when given, else 3 or 1."""
   missing = [k for k in PREPROCESSING_KEYS if k not in preprocessing]
   if missing:
     raise ValueError(f"preprocessing lacks {', '.join(missing)}")
   if preprocessing["channel_order"] not in ("RGB", "BGR"):
     raise ValueError(f"preprocessing channel_order={preprocessing['channel_order']!r}; "
                      "expected 'RGB' or 'BGR'")
+  if preprocessing.get("resize", "crop") not in RESIZES:
+    raise ValueError(f"preprocessing resize={preprocessing['resize']!r}; expected one of "
+                     f"{', '.join(map(repr, RESIZES))}")
   for key in ("mean", "std"):
-    if len(preprocessing[key]) != 3:
-      raise ValueError(f"preprocessing {key} needs 3 values, got {preprocessing[key]!r}")
+    n = len(preprocessing[key])
+    if (channels is not None and n != channels) or n not in CHANNELS:
+      expected = (f"{channels} value(s) (the model takes {channels}-channel images)"
+                  if channels is not None else "3 values (1 for greyscale models)")
+      raise ValueError(f"preprocessing {key} needs {expected}, got {preprocessing[key]!r}")
   return json.loads(json.dumps(dict(preprocessing)))
 
 
+def check_class_names(class_names, num_classes: int) -> list[str]:
+  """`class_names` as a list of num_classes strings (ValueError otherwise)."""
+  names = list(class_names)
+  if len(names) != num_classes or not all(isinstance(n, str) for n in names):
+    raise ValueError(f"class_names must be {num_classes} strings (one per class), got "
+                     f"{len(names)} item(s)")
+  return names
+
+
 def save(path: str, variables: Mapping[str, Any], model_name: str,
-         preprocessing: Mapping[str, Any], source: str) -> None:
-  """Write `variables` ({"params", "batch_stats"}) of `model_name` with their metadata.
+         preprocessing: Mapping[str, Any], source: str,
+         class_names: list[str] | None = None) -> None:
+  """Write `variables` ({"params", "batch_stats"}) of `model_name` with their metadata
+  (and the classes' names, when given: one per class).
 
   The shapes are checked against the model first, so a file that saves always loads.
   """
   verify(variables, model_name)
+  num_classes = num_classes_of(variables)
   tensors = {"/".join((c,) + p): np.ascontiguousarray(np.asarray(x))
              for c in COLLECTIONS
              for p, x in torch_layout.flatten(variables.get(c, {})).items()}
   metadata = {"format": FORMAT, "model": model_name,
-              "num_classes": str(num_classes_of(variables)),
-              "preprocessing": json.dumps(check_preprocessing(preprocessing)),
+              "num_classes": str(num_classes),
+              "preprocessing": json.dumps(check_preprocessing(preprocessing,
+                                                              channels_of(variables))),
               "source": source}
+  if class_names is not None:
+    metadata["class_names"] = json.dumps(check_class_names(class_names, num_classes))
   write_safetensors(path, tensors, metadata)
 
 
@@ -180,7 +227,8 @@ def read_header(path: str) -> dict[str, str]:
 def load(path: str) -> tuple[dict, dict]:
   """(variables, info) from a file written by `save`.
 
-  info: {"model", "num_classes" (int), "preprocessing" (dict), "source"}.
+  info: {"model", "num_classes" (int), "preprocessing" (dict), "source"}, and
+  "class_names" (list of str) when the file has them.
   ValueError naming the file when it is not one of ours or does not fit its model.
   """
   from safetensors import safe_open  # noqa: PLC0415
@@ -222,10 +270,17 @@ def _parse_info(path: str, header: Mapping[str, str]) -> dict:
   try:
     num_classes = int(header.get("num_classes", ""))
     preprocessing = json.loads(header.get("preprocessing", ""))
+    class_names = json.loads(header["class_names"]) if "class_names" in header else None
   except ValueError as e:
     raise ValueError(f"{path}: unreadable header field ({first_line(e)})") from None
-  return {"model": model, "num_classes": num_classes, "preprocessing": preprocessing,
+  info = {"model": model, "num_classes": num_classes, "preprocessing": preprocessing,
           "source": header.get("source", "")}
+  if class_names is not None:
+    try:
+      info["class_names"] = check_class_names(class_names, num_classes)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{path}: header field class_names: {first_line(e)}") from None
+  return info
 
 
 def _check_exists(path: str):
