@@ -215,13 +215,20 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     if fresh:
       _log("eval_only: evaluating freshly initialised weights (no model.pretrained and no "
            "checkpoint in the workdir)")
-    result = dict(score(lambda name, metrics: _log(
-        f"{name}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))),
-                  step=start_step, train_seconds=0.0, eval_only=True)
-    name = eval_file_name(data_cfg.eval_split, start_step)
-    _write_results(workdir, result, name)
-    _log(f"eval_only: results in {os.path.join(workdir, name)} (results.json is the "
-         "training run's)")
+    written = []
+
+    def report(name, metrics):
+      # One file per weights evaluated (raw, EMA), as `python -m resnet_jax.evaluate` does.
+      ema = name == "eval_ema"
+      file = eval_file_name(data_cfg.eval_split, start_step, ema=ema)
+      _write_results(workdir, dict(metrics, step=start_step, split=data_cfg.eval_split,
+                                   ema=ema, eval_only=True), file)
+      written.append(os.path.join(workdir, file))
+      _log(f"{name}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+
+    result = dict(score(report), step=start_step, train_seconds=0.0, eval_only=True)
+    _log(f"eval_only: results in {' and '.join(written)} (results.json is the training "
+         "run's)")
     return result
 
   stop_at = total_steps
