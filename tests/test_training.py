@@ -122,3 +122,26 @@ def test_official_tfds_fashion_mnist_builder_from_manual_dir(tmp_path):
   result = trainer.train_and_evaluate(cfg, str(tmp_path / "work"))
   assert result["examples"] == 10_000
   assert result["top1"] > 0.5, result       # 40 steps; chance is 0.1
+
+
+@pytest.mark.skipif(not all(os.path.isdir(os.path.join(SHARED_DATA, d))
+                            for d in ("mnist", "fashion_mnist")),
+                    reason="../shared/data/mnist and fashion_mnist not present")
+def test_mnist_and_fashion_mnist_from_manual_files_in_one_data_dir_stay_themselves(tmp_path):
+  """Both ship files of the same names; TFDS names a manual file's extracted copy after the
+  file alone, so the second dataset prepared in a shared data_dir used to be made of the
+  first one's images. Each prepared test split must hold its own official images (TFDS
+  stores them in another order: compared as a sum over every pixel)."""
+  import gzip
+  from resnet_jax.config_schema import base_config
+  from resnet_jax.data import datasets
+  for name in ("mnist", "fashion_mnist"):
+    cfg = base_config().data
+    cfg.dataset, cfg.data_dir = name, str(tmp_path / "tfds")
+    cfg.manual_dir = os.path.join(SHARED_DATA, name)
+    builder = datasets.prepare_builder(cfg)
+    prepared = sum(int(ex["image"].sum(dtype=np.int64))
+                   for ex in builder.as_dataset(split="test").as_numpy_iterator())
+    with gzip.open(os.path.join(SHARED_DATA, name, "t10k-images-idx3-ubyte.gz")) as f:
+      official = int(np.frombuffer(f.read()[16:], np.uint8).sum(dtype=np.int64))
+    assert prepared == official, name
