@@ -108,10 +108,14 @@ KEYS = (
     Key("data.interpolation", "bilinear", "imagenet eval resize: bilinear (torchvision) or "
         "bicubic (timm)", ("bilinear", "bicubic"), changes_run=False),
     Key("data.randaugment_ops", 0, "train: RandAugment with this many ops per image (0 = off)"),
-    Key("data.randaugment_magnitude", 9.0, "train: RandAugment magnitude (0..10)"),
+    Key("data.randaugment_magnitude", 9.0, "train: RandAugment magnitude on the paper's "
+        "0..10 scale (torchvision's RandAugment(magnitude=M, num_magnitude_bins=11))"),
     Key("data.trivial_augment", False, "train: TrivialAugment (one op, random magnitude)"),
-    Key("data.random_erasing", 0.0, "train: probability of erasing a random rectangle"),
-    Key("data.mixup_alpha", 0.0, "train: mixup with Beta(alpha, alpha) weights (0 = off)"),
+    Key("data.random_erasing", 0.0, "train: probability of erasing a random rectangle "
+        "(filled with per-pixel normal noise in normalised units, timm's 'pixel' mode)"),
+    Key("data.mixup_alpha", 0.0, "train: mixup with Beta(alpha, alpha) weights (0 = off); "
+        "on the device, per global batch, the partner being the batch reversed (the same "
+        "for any process count with process_sharding=batch)"),
     Key("data.cutmix_alpha", 0.0, "train: cutmix with Beta(alpha, alpha) areas (0 = off); "
         "with mixup too, one of the two per batch"),
     Key("data.antialias", False, "imagenet: antialiased resizes (True: as torchvision with "
@@ -133,7 +137,10 @@ KEYS = (
         "parts as model.frozen", element=str),
     Key("optimizer.label_smoothing", 0.0, "label smoothing of the targets"),
     Key("optimizer.loss", "softmax", "softmax cross-entropy, or bce: sigmoid binary "
-        "cross-entropy per class (ResNet strikes back)", ("softmax", "bce")),
+        "cross-entropy summed over classes (ResNet strikes back; timm's sum_classes=True); "
+        "eval loss stays softmax cross-entropy", ("softmax", "bce")),
+    Key("optimizer.bce_target_threshold", 0.0, "bce: targets below this become 0 (timm's "
+        "target_threshold; ResNet strikes back: 0.2); 0 = off"),
     Key("optimizer.grad_accum_steps", 1, "K: each step averages the gradients of K "
         "micro-batches of batch_size / K"),
     Key("optimizer.ema_decay", 0.0, "> 0: keep an exponential moving average of params and "
@@ -397,6 +404,10 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
   need(data.mixup_alpha >= 0, "data.mixup_alpha", ">= 0")
   need(data.cutmix_alpha >= 0, "data.cutmix_alpha", ">= 0")
   need(data.eval_image_size >= 0, "data.eval_image_size", ">= 0 (0: data.image_size)")
+  need(data.eval_image_size == 0 or data.preprocess == "imagenet", "data.eval_image_size",
+       "0 unless data.preprocess='imagenet' (fixed-size datasets evaluate at their size)")
+  need(0 <= config.optimizer.bce_target_threshold < 1, "optimizer.bce_target_threshold",
+       "in [0, 1)")
   group = config.model.bn_group_size
   need(group >= 0 and (group == 0 or (micro // num_devices) % group == 0 or
                        group % (micro // num_devices) == 0 and micro % group == 0),

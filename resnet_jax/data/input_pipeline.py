@@ -12,6 +12,14 @@ data.preprocess picks what happens to an image: "cifar" reads fixed-size decoded
 optionally pad-crops and flips them; "imagenet" reads the encoded bytes (TFDS SkipDecoding)
 and crops, decodes and resizes them with imagenet_preprocess.py. Either way batches hold
 uint8 images; mean/std normalisation happens on device.
+
+Train images then get the configured augmentation (augment.py), all from the same
+per-example seed: RandAugment (data.randaugment_ops / randaugment_magnitude) or TrivialAugment
+(data.trivial_augment) on the RGB crop, the channel reorder, then random erasing
+(data.random_erasing, noise in the dataset's mean/std). Mixup and cutmix mix whole global
+batches on device, in the train step (steps.py). Eval images are never augmented; for
+"imagenet" they are cropped at data.eval_image_size (0 = image_size) with
+data.interpolation.
 """
 
 import dataclasses
@@ -23,7 +31,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from resnet_jax.data import imagenet_preprocess
+from resnet_jax.data import augment, imagenet_preprocess
+from resnet_jax.data.catalog import normalization
 
 # tf.data only runs on the host; keep TensorFlow off any accelerator jax owns.
 tf.config.set_visible_devices([], "GPU")
@@ -63,40 +72,65 @@ def _examples(builder, split_info: SplitInfo, data_cfg) -> tf.data.Dataset:
   return ds.cache() if data_cfg.cache else ds
 
 
+# Constants folded into an example's seed for the draws after the crop and flip (which use
+# the seed itself, or fold in 0 and 1).
+_POLICY_SEED, _ERASING_SEED = 2, 3
+
+
 def _augment(example, seed, data_cfg):
   """Train-time transform of one example, from its stateless seed."""
   if data_cfg.preprocess == "imagenet":
     image = imagenet_preprocess.train_image(
         example["image"], seed, data_cfg.image_size, random_flip=data_cfg.random_flip,
-        antialias=data_cfg.antialias, channel_order=data_cfg.channel_order)
-    return {"image": image, "label": example["label"]}
-  image = example["image"]
-  crop_padding = data_cfg.crop_padding
-  if crop_padding:
-    h, w, c = image.shape
-    image = tf.pad(image, [[crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]])
-    image = tf.image.stateless_random_crop(image, (h, w, c), seed=seed)
-  if data_cfg.random_flip:
-    flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+        antialias=data_cfg.antialias, channel_order="RGB")
+  else:
+    image = example["image"]
+    crop_padding = data_cfg.crop_padding
+    if crop_padding:
+      h, w, c = image.shape
+      image = tf.pad(image, [[crop_padding, crop_padding], [crop_padding, crop_padding],
+                             [0, 0]])
+      image = tf.image.stateless_random_crop(image, (h, w, c), seed=seed)
+    if data_cfg.random_flip:
+      flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+      image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  # The policies' colour ops weigh RGB channels: before the reorder.
+  image = augment.augment_policy(
+      image, tf.random.experimental.stateless_fold_in(seed, _POLICY_SEED),
+      randaugment_ops=data_cfg.randaugment_ops,
+      randaugment_magnitude=data_cfg.randaugment_magnitude,
+      trivial_augment_on=data_cfg.trivial_augment)
   image = imagenet_preprocess.to_channel_order(image, data_cfg.channel_order)
+  if data_cfg.random_erasing > 0:
+    mean, std = normalization(data_cfg)     # in the batches' channel order
+    image = augment.random_erasing(
+        image, tf.random.experimental.stateless_fold_in(seed, _ERASING_SEED),
+        data_cfg.random_erasing, mean, std)
   return {"image": image, "label": example["label"]}
+
+
+def eval_image_size(data_cfg) -> int:
+  """The eval crop of data.preprocess="imagenet": data.eval_image_size, 0 = image_size."""
+  return data_cfg.eval_image_size or data_cfg.image_size
 
 
 def _eval_transform(example, data_cfg):
   image = example["image"]
   if data_cfg.preprocess == "imagenet":
     image = imagenet_preprocess.eval_image(
-        image, data_cfg.image_size, crop_pct=data_cfg.crop_pct, antialias=data_cfg.antialias,
-        channel_order=data_cfg.channel_order)
+        image, eval_image_size(data_cfg), crop_pct=data_cfg.crop_pct,
+        antialias=data_cfg.antialias, channel_order=data_cfg.channel_order,
+        interpolation=data_cfg.interpolation)
   else:
     image = imagenet_preprocess.to_channel_order(image, data_cfg.channel_order)
   return {"image": image, "label": example["label"]}
 
 
 def image_shape(builder, data_cfg) -> tuple[int, ...]:
-  """The shape of one image in the batches: the crop for data.preprocess="imagenet" (the
-  stored images vary in size), else the dataset's fixed image shape."""
+  """The shape of one image in the train batches: the crop for data.preprocess="imagenet"
+  (the stored images vary in size), else the dataset's fixed image shape. Eval batches of
+  "imagenet" are eval_image_size square (the model pools globally; the eval step traces
+  for their shape)."""
   if data_cfg.preprocess == "imagenet":
     return (data_cfg.image_size, data_cfg.image_size, 3)
   return tuple(builder.info.features["image"].shape)

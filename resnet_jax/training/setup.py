@@ -184,7 +184,11 @@ def make_train_step(config, model, tx, schedule, inputs: Inputs) -> Callable:
                                skip_nonfinite=config.nan_policy == "skip",
                                grad_accum_steps=config.optimizer.grad_accum_steps,
                                ema_decay=config.optimizer.ema_decay,
-                               grad_norm_groups=config.log_grad_norms)
+                               grad_norm_groups=config.log_grad_norms,
+                               loss=config.optimizer.loss,
+                               bce_target_threshold=config.optimizer.bce_target_threshold,
+                               mixup_alpha=config.data.mixup_alpha,
+                               cutmix_alpha=config.data.cutmix_alpha)
 
 
 def build(config, inputs: Inputs, *, mesh: Mesh | None = None,
