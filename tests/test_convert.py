@@ -441,3 +441,14 @@ def test_pth_with_arbitrary_objects_is_refused(tmp_path):
 
 class _Payload:
   """Stands for any pickled object: unpickling it could run code, so it must be refused."""
+
+
+def test_torchvision_v2_files_are_recorded_for_their_232_resize(tmp_path):
+  """torchvision's IMAGENET1K_V2 weights are evaluated at 224 of 232 (its transforms'
+  resize_size); V1 files at 224 of 256. Known by the file names torchvision ships."""
+  from resnet_jax.convert import weights_file
+  v2 = weights_file.preprocessing_for("torchvision", "resnet50", "/x/resnet50-11ad3fa6.pth")
+  v1 = weights_file.preprocessing_for("torchvision", "resnet50", "/x/resnet50-0676ba61.pth")
+  assert round(224 / v2["crop_pct"]) == 232 and round(224 / v1["crop_pct"]) == 256
+  from resnet_jax.data import imagenet_preprocess
+  assert imagenet_preprocess.eval_resize_size(224, v2["crop_pct"]) == 232

@@ -202,7 +202,7 @@ def import_file(path: str, model_name: str, source: str, num_classes: int | None
     variables, table = _import_keras(path, model_name, num_classes)
   else:
     variables = variables_from_state_dict(read_state_dict(path), model_name, num_classes)
-    table = weights_file.preprocessing_for(source, model_name)
+    table = weights_file.preprocessing_for(source, model_name, path)
   weights_file.verify(variables, model_name)
   info = {"model": model_name, "num_classes": weights_file.num_classes_of(variables),
           "preprocessing": weights_file.check_preprocessing({**table, **(preprocessing or {})}),

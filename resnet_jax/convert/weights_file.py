@@ -61,11 +61,23 @@ TIMM_OVERRIDES = {
 }
 
 
-def preprocessing_for(source: str, model_name: str) -> dict:
-  """The metadata a torchvision / timm checkpoint of `model_name` comes with."""
+# torchvision's IMAGENET1K_V2 weights (the new recipe) are evaluated at 224 of 232, not of
+# 256: their file names, as torchvision's weight enums list them (torchvision 0.29).
+TORCHVISION_V2_FILES = ("resnet50-11ad3fa6", "resnet101-cd907fc2", "resnet152-f82ba261",
+                        "wide_resnet50_2-9ba9bcbe", "wide_resnet101_2-d733dc28",
+                        "resnext50_32x4d-1a0047aa", "resnext101_32x8d-110c445d",
+                        "resnext101_64x4d-173b62eb")
+_V2 = dict(crop_pct=224 / 232)
+
+
+def preprocessing_for(source: str, model_name: str, file_name: str = "") -> dict:
+  """The metadata a torchvision / timm checkpoint of `model_name` comes with (`file_name`:
+  torchvision's V2 files are known by their names)."""
   table = dict(PREPROCESSING[source])
   if source == "timm":
     table.update(TIMM_OVERRIDES.get(model_name, {}))
+  if source == "torchvision" and os.path.basename(file_name).split(".")[0] in TORCHVISION_V2_FILES:
+    table.update(_V2)
   return table
 
 

@@ -92,8 +92,10 @@ def report_differences(config, image_shape) -> None:
   if data_cfg.preprocess == "imagenet":
     if data_cfg.crop_pct != pre["crop_pct"]:
       differ.append(f"crop_pct {pre['crop_pct']} (this run: {data_cfg.crop_pct})")
-    if pre["interpolation"] != "bilinear":
-      differ.append(f"{pre['interpolation']} resizes (this run: bilinear)")
+    if pre["interpolation"] != data_cfg.interpolation:
+      differ.append(f"{pre['interpolation']} resizes (this run: {data_cfg.interpolation})")
+    if not data_cfg.antialias:
+      differ.append("antialiased resizes as PIL's (this run: data.antialias=false)")
   if differ:
     _log(f"{KEY}: {path} was made for {', '.join(differ)}; keeping the config's")
 
