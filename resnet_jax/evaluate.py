@@ -118,6 +118,7 @@ def evaluate(workdir: str, *, step: int | None = None, best: bool = False,
 
 
 def _parser() -> argparse.ArgumentParser:
+  from resnet_jax import convert  # noqa: PLC0415  (numpy, jax: not before a usage error)
   parser = argparse.ArgumentParser(
       prog="python -m resnet_jax.evaluate", allow_abbrev=False,
       formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -126,13 +127,7 @@ def _parser() -> argparse.ArgumentParser:
             "[--split SPLIT] [--config.KEY=VALUE ...]",
       epilog="Exit codes: 0 done; 2 bad input (one line says which).")
   parser.add_argument("workdir", metavar="WORKDIR", help="the run's workdir")
-  which = parser.add_mutually_exclusive_group()
-  which.add_argument("--step", type=int, default=None, metavar="N",
-                     help="the save of step N in WORKDIR/checkpoints (default: the latest)")
-  which.add_argument("--best", action="store_true",
-                     help="the best save (WORKDIR/checkpoints_best)")
-  parser.add_argument("--ema", action="store_true",
-                      help="the EMA of the weights (runs with optimizer.ema_decay > 0)")
+  convert.add_run_checkpoint_arguments(parser)
   parser.add_argument("--split", default=None,
                       help="the split to evaluate (default: the run's data.eval_split)")
   return parser

@@ -83,3 +83,14 @@ def read_checkpoint(workdir, step):
     return ckpts.read(step)
   finally:
     ckpts.close()
+
+
+def copy_without_ema(run_dir, dest) -> str:
+  """A copy of a run's workdir whose recorded config says it kept no EMA (ema_decay 0)."""
+  shutil.copytree(run_dir, dest)
+  with open(os.path.join(dest, "config.json")) as f:
+    config = json.load(f)
+  config["optimizer"]["ema_decay"] = 0.0
+  with open(os.path.join(dest, "config.json"), "w") as f:
+    json.dump(config, f)
+  return str(dest)

@@ -13,7 +13,7 @@ import pytest
 
 from resnet_jax import evaluate
 
-from conftest import REPO, cli_env, read_metrics
+from conftest import REPO, cli_env, copy_without_ema, read_metrics
 from test_run_to_weights import STEPS, digits_run  # noqa: F401  (the session's run)
 
 
@@ -109,13 +109,7 @@ def test_bad_input_is_one_line_and_exit_2(digits_run, argv, message, capsys):
 
 def test_ema_of_a_run_without_ema_and_a_workdir_without_checkpoints(digits_run, tmp_path,
                                                                     capsys):
-  no_ema = str(tmp_path / "no_ema")
-  shutil.copytree(digits_run, no_ema)
-  with open(os.path.join(no_ema, "config.json")) as f:
-    config = json.load(f)
-  config["optimizer"]["ema_decay"] = 0.0
-  with open(os.path.join(no_ema, "config.json"), "w") as f:
-    json.dump(config, f)
+  no_ema = copy_without_ema(digits_run, tmp_path / "no_ema")
   code, _, err = _evaluate(capsys, no_ema, "--ema")
   assert code == 2 and err == (f"evaluate: error: {no_ema}: --ema, but the run kept no EMA of "
                                "its weights (optimizer.ema_decay=0.0)")

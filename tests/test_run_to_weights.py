@@ -22,7 +22,7 @@ from resnet_jax.convert import weights_file
 from resnet_jax.data import sklearn_digits
 from resnet_jax.training import trainer
 
-from conftest import DEFAULT_CONFIG, read_checkpoint
+from conftest import DEFAULT_CONFIG, copy_without_ema, read_checkpoint
 
 MODEL, STEPS = "resnet8", 16
 RUN = {"model.name": MODEL, "num_train_steps": STEPS, "optimizer.ema_decay": 0.9,
@@ -116,13 +116,7 @@ def test_from_run_errors_are_one_line(digits_run, tmp_path, capsys):
   code, _, err = _convert(capsys, "from-run", str(empty), out_path)
   assert code == 2 and "\n" not in err and f"{empty}: no checkpoints in checkpoints/" in err
   # A run without EMA: the same checkpoints, its config saying ema_decay 0.
-  no_ema = str(tmp_path / "no_ema")
-  shutil.copytree(digits_run, no_ema)
-  with open(os.path.join(no_ema, "config.json")) as f:
-    config = json.load(f)
-  config["optimizer"]["ema_decay"] = 0.0
-  with open(os.path.join(no_ema, "config.json"), "w") as f:
-    json.dump(config, f)
+  no_ema = copy_without_ema(digits_run, tmp_path / "no_ema")
   code, _, err = _convert(capsys, "from-run", "--ema", no_ema, out_path)
   assert code == 2 and "\n" not in err
   assert err == (f"convert: error: {no_ema}: --ema, but the run kept no EMA of its weights "

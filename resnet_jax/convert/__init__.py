@@ -286,6 +286,18 @@ def run_checkpoint_steps(workdir: str, *, best: bool = False) -> list[int]:
     manager.close()
 
 
+def add_run_checkpoint_arguments(parser) -> None:
+  """--step N | --best and --ema: which checkpoint of a run a command reads (convert
+  from-run, evaluate)."""
+  which = parser.add_mutually_exclusive_group()
+  which.add_argument("--step", type=int, default=None, metavar="N",
+                     help="the save of step N in WORKDIR/checkpoints (default: the latest)")
+  which.add_argument("--best", action="store_true",
+                     help="the best save (WORKDIR/checkpoints_best, by checkpoint.best_metric)")
+  parser.add_argument("--ema", action="store_true",
+                      help="the EMA of the weights (runs with optimizer.ema_decay > 0)")
+
+
 def select_run_checkpoint(workdir: str, *, step: int | None = None,
                           best: bool = False) -> tuple[str, int]:
   """(checkpoint directory, step) of a run: its latest save, save `step`, or (best) its best

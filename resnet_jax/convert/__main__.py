@@ -25,6 +25,7 @@ USAGE_EXAMPLES = """examples (prefix: python -m resnet_jax.convert):
 
 
 def _parser() -> argparse.ArgumentParser:
+  from resnet_jax import convert  # noqa: PLC0415  (numpy, jax: not before a usage error)
   parser = argparse.ArgumentParser(
       prog="python -m resnet_jax.convert", epilog=USAGE_EXAMPLES,
       formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -54,13 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                   "--ema) as our weights file, with the run's model, its class names and "
                   "the preprocessing its evaluation used (from WORKDIR/config.json), so "
                   "`predict` and `export` take it. Reads the workdir only.")
-  which = run.add_mutually_exclusive_group()
-  which.add_argument("--step", type=int, default=None, metavar="N",
-                     help="the save of step N in WORKDIR/checkpoints (default: the latest)")
-  which.add_argument("--best", action="store_true",
-                     help="the best save (WORKDIR/checkpoints_best, by checkpoint.best_metric)")
-  run.add_argument("--ema", action="store_true",
-                   help="the EMA of the weights (runs with optimizer.ema_decay > 0)")
+  convert.add_run_checkpoint_arguments(run)
   run.add_argument("workdir", help="the run's workdir (config.json, checkpoints/)")
   run.add_argument("output", help="our .safetensors")
   return parser
