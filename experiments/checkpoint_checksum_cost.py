@@ -26,8 +26,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from resnet_jax import models

@@ -328,7 +328,7 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
   # The seed seeds JAX's PRNG and tf.data's stateless ops, both 32-bit.
   need(0 <= config.seed < 2**31, "seed", "an int in [0, 2^31)")
   need(config.num_train_steps < MAX_STEPS, "num_train_steps",
-       f"fewer than 2^31 steps (the step counter is int32)")
+       "fewer than 2^31 steps (the step counter is int32)")
   need(config.stop_after_steps < MAX_STEPS, "stop_after_steps", "fewer than 2^31 steps")
   need(config.model.name in models.MODEL_SPECS, "model.name",
        f"a model name{suggest(config.model.name, models.MODEL_SPECS)}; "

@@ -7,7 +7,6 @@ target, the sums against float64, batch-sharded calls on 8 devices, the build ca
 the fallback and the error where they cannot build.
 """
 
-import os
 import platform
 import subprocess
 import sys

@@ -5,7 +5,6 @@ touches nothing else in the workdir; overrides that would change the run are ref
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from resnet_jax import config_cli, gradients, plot
+from resnet_jax import config_cli, gradients
 from resnet_jax.training import setup
 
 from conftest import DEFAULT_CONFIG, REPO, SHARED_DATA, cli_env, run_cli

@@ -8,7 +8,6 @@ tests/test_evaluate.py (`digits_run`, session-scoped).
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np

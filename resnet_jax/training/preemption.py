@@ -9,7 +9,6 @@ import signal
 
 import jax
 
-from resnet_jax.errors import Preempted  # noqa: F401  (raised by the trainer on its signal)
 
 
 class PreemptionWatcher:

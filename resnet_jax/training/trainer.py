@@ -1,7 +1,6 @@
 """train_and_evaluate: config -> TFDS -> sharded jit steps -> Orbax -> metrics."""
 
 import json
-import math
 import os
 import time
 
