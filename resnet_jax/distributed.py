@@ -5,12 +5,15 @@ Environment (set by `NPROC=N ./launch.sh`, or by you):
 Otherwise, under SLURM with more than one task, or with RESNET_JAX_DISTRIBUTED=auto (TPU
 pods, GKE), jax.distributed.initialize() detects the cluster itself. Nothing set: one process.
 
-When a process of the run dies, its collectives fail in the survivors ("Gloo all-reduce
-failed: Connection closed by peer"): `exit_on_peer_failure` then ends each survivor with one
-line of ours -- which process, what happened, the exit code (PEER_LOST_EXIT) -- whether a
-launcher watches or not, and leaves with os._exit: the runtime's own shutdown would wait on
-the dead peer at its exit barrier and abort there with a C++ stack dump. The Python
-traceback goes to <workdir>/failure_process<i>.txt instead of the terminal.
+When a process of the run dies, each survivor ends with one line of ours -- which process,
+what happened, the exit code (PEER_LOST_EXIT) -- whether a launcher watches or not. Two
+paths lead there: peer_watch.py sees the dead process's connections close at once (the
+usual one), and `exit_on_peer_failure` catches a collective that fails first ("Gloo
+all-reduce failed: Connection closed by peer"). Both leave with os._exit: the runtime's own
+shutdown would wait on the dead peer at its exit barrier and abort there with a C++ stack
+dump. The Python traceback goes to <workdir>/failure_process<i>.txt, not the terminal. When
+process 0 dies it takes the coordination service with it, and the runtime may print its own
+lines before ours.
 
 A peer that hangs without dying (its sockets stay open) is found by JAX's coordination
 service after RESNET_JAX_HEARTBEAT_TIMEOUT seconds (30); the runtime then ends the
@@ -21,9 +24,12 @@ binding cannot pass the error status to a Python function; tried, it aborts).
 
 import os
 import sys
+import threading
 import traceback
 
 import jax
+
+from resnet_jax import peer_watch
 
 # A dead peer must end the run quickly rather than hang in a collective: JAX's coordination
 # service reports missing heartbeats after this long (its default is 100 s).
@@ -43,11 +49,30 @@ def initialize_from_env(environ=None) -> bool:
                                num_processes=int(env["RESNET_JAX_NUM_PROCESSES"]),
                                process_id=int(env["RESNET_JAX_PROCESS_ID"]),
                                heartbeat_timeout_seconds=heartbeat)
-    return True
-  if int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("RESNET_JAX_DISTRIBUTED") == "auto":
+  elif int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("RESNET_JAX_DISTRIBUTED") == "auto":
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
-    return True
-  return False
+  else:
+    return False
+  _watch_peers()
+  return True
+
+
+def _watch_peers() -> None:
+  """Notice a dead peer at once (resnet_jax/peer_watch.py)."""
+  from jax._src import distributed as jax_distributed
+  state = jax_distributed.global_state
+  if state.client is None:
+    return
+  peer_watch.start(state.client, jax.process_index(), jax.process_count(),
+                   on_death=lambda peer: leave(
+                       f"another process of the run is gone (process {peer}: its "
+                       "connection closed without a goodbye)"),
+                   coordinator=getattr(state, "coordinator_address", "") or "")
+
+
+def goodbye() -> None:
+  """This process stops on purpose (done, preempted, bad input): tell the others."""
+  peer_watch.goodbye()
 
 
 def _first_line(text) -> str:
@@ -55,10 +80,16 @@ def _first_line(text) -> str:
   return lines[0] if lines else ""
 
 
+_leaving = threading.Lock()
+
+
 def leave(what: str, *, code: int = PEER_LOST_EXIT, details: str = "",
           workdir: str = "") -> None:
   """Say in one line that this process stops and why, keep `details` (a traceback) in the
   workdir, and exit at once: the runtime's own exit path would wait on the dead peer."""
+  if not _leaving.acquire(blocking=False):
+    # The peer watch and a failing collective can both get here: one line, not two.
+    threading.Event().wait()
   index, count = jax.process_index(), jax.process_count()
   kept = ""
   if details and workdir:

@@ -84,7 +84,13 @@ def _stop_on_signals():
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   with _stop_on_signals():
-    return _main(argv)
+    code = _main(argv)
+  # Every orderly ending (done, stopped, bad input: each process gets the same verdict):
+  # the run's other processes must not take this one for dead (resnet_jax/peer_watch.py).
+  # A crash never gets here; its peers then leave at once.
+  from resnet_jax import distributed
+  distributed.goodbye()
+  return code
 
 
 def _quiet_library_warnings() -> None:
