@@ -26,6 +26,7 @@ import threading
 import time
 
 GRACE_S = 10
+PEER_LOST_EXIT = 4   # resnet_jax/distributed.py's (not imported: it would import JAX here)
 # What the XLA/TSL runtime prints when a peer is gone: glog-style lines (E1202 17:03:28...),
 # stack frames, and the lines its fatal-error report continues with.
 _RUNTIME_NOISE = re.compile(
@@ -99,39 +100,43 @@ def launch(nproc: int, args: list[str], *, env=None) -> int:
     signal.signal(sig, forward)
 
   failed = None
-  while any(p.poll() is None for p in procs):
-    for i, p in enumerate(procs):
-      code = p.poll()
-      # After a forwarded signal the children save and exit with 128+signal on their own
-      # (all at the same step): that is the expected ending, not a failure to react to.
-      expected = forwarded and code == 128 + forwarded[0]
-      if code not in (None, 0) and failed is None and not expected:
-        failed = (i, code)
-        relay.failed.set()
-        deadline = time.time() + GRACE_S
-        if code == 2:
-          # Bad input: every process stops with the same line; let them, then make sure.
-          while time.time() < deadline and any(q.poll() is None for q in procs):
-            time.sleep(0.1)
-          relay.drain(1.0)
-        if code != 2 or not relay.said:
-          reason = (f"killed by {signal.Signals(-code).name}" if code < 0
-                    else f"exit code {code}")
-          relay.say(f"resnet_jax.local_launcher: process {i} of {nproc} ended ({reason}); "
-                    "stopping the others")
-        for q in procs:
-          if q.poll() is None:
-            q.terminate()
+  while True:
+    # After a forwarded signal the children save and exit with 128+signal on their own (all
+    # at the same step): that is the expected ending, not a failure to react to.
+    ended = [(i, p.poll()) for i, p in enumerate(procs)]
+    failures = [(i, code) for i, code in ended if code not in (None, 0)
+                and not (forwarded and code == 128 + forwarded[0])]
+    if failures and failed is None:
+      # A survivor that saw its peer die exits at once (PEER_LOST_EXIT), often within the
+      # same poll: the process that failed first is the one that did not just lose a peer.
+      i, code = next((f for f in failures if f[1] != PEER_LOST_EXIT), failures[0])
+      failed = (i, code)
+      relay.failed.set()
+      deadline = time.time() + GRACE_S
+      if code == 2:
+        # Bad input: every process stops with the same line; let them, then make sure.
         while time.time() < deadline and any(q.poll() is None for q in procs):
           time.sleep(0.1)
-        for q in procs:
-          if q.poll() is None:
-            q.kill()
+        relay.drain(1.0)
+      if code != 2 or not relay.said:
+        reason = (f"killed by {signal.Signals(-code).name}" if code < 0
+                  else f"exit code {code}")
+        relay.say(f"resnet_jax.local_launcher: process {i} of {nproc} ended ({reason}); "
+                  "stopping the others")
+      for q in procs:
+        if q.poll() is None:
+          q.terminate()
+      while time.time() < deadline and any(q.poll() is None for q in procs):
+        time.sleep(0.1)
+      for q in procs:
+        if q.poll() is None:
+          q.kill()
+    if all(code is not None for _, code in ended):
+      break
     time.sleep(0.1)
   relay.drain()
-  if failed is None:
-    codes = [p.returncode for p in procs]
-    return next((c for c in codes if c != 0), 0)
+  if failed is None:   # all succeeded, or all saved and stopped on a forwarded signal
+    return next((p.returncode for p in procs if p.returncode != 0), 0)
   code = failed[1]
   return 128 - code if code < 0 else code
 
