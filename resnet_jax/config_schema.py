@@ -167,6 +167,8 @@ KEYS = (
         "or model.pretrained) and stop: nothing trained or saved", changes_run=False),
     Key("eval_every_epochs", 1.0, "evaluate every this many epochs (and at the end)",
         changes_run=False),
+    Key("eval_every_steps", -1, "> 0: evaluate every this many steps (over "
+        "eval_every_epochs)", changes_run=False),
     Key("log_every_steps", 50, "train metrics every this many steps: means over the steps "
         "since the previous line", changes_run=False),
     Key("log_grad_norms", "none", "also log each stage's (or block's) gradient norm",
@@ -429,6 +431,8 @@ def check_values(config, *, num_devices: int, num_processes: int) -> None:
   need(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0 (0 = whole split)")
   need(config.data.prefetch >= 0, "data.prefetch", ">= 0")
   need(config.eval_every_epochs > 0, "eval_every_epochs", "> 0")
+  need(config.eval_every_steps == -1 or config.eval_every_steps > 0, "eval_every_steps",
+       "> 0 (or -1: use eval_every_epochs)")
   need(config.log_every_steps > 0, "log_every_steps", "> 0")
   need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "> 0")
   need(config.checkpoint.keep > 0, "checkpoint.keep", "> 0")

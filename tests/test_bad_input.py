@@ -125,6 +125,7 @@ CASES = [
     (["{cfg}", "--config.eval_every_epochs=inf"], "'eval_every_epochs'=inf"),
     (["{cfg}", "--config.eval_every_epochs=1e-9"], "'eval_every_epochs'=1e-09: expected at "
                                                    "least one step's worth"),
+    (["{cfg}", "--config.eval_every_steps=0"], "'eval_every_steps'=0"),
     (["{cfg}", "--config.model.bn_momentum=1.5"], "'model.bn_momentum'=1.5"),
     (["{cfg}", "--config.model.bn_epsilon=-1"], "'model.bn_epsilon'=-1.0"),
     (["{cfg}", "--config.model.se_ratio=2"], "'model.se_ratio'=2.0"),

@@ -51,9 +51,12 @@ def test_train_lines_are_interval_means_and_grad_norms_are_logged_per_stage(data
             "log_grad_norms": "stage"}
   each, means = str(tmp_path / "each"), str(tmp_path / "means")
   trainer.train_and_evaluate(_config(data_dir, log_every_steps=1, **common), each)
-  trainer.train_and_evaluate(_config(data_dir, log_every_steps=4, **common), means)
+  # eval_every_steps (over eval_every_epochs) evaluates; evaluation changes no training.
+  trainer.train_and_evaluate(_config(data_dir, log_every_steps=4, eval_every_steps=3,
+                                     **common), means)
   per_step, logged = read_metrics(each), read_metrics(means)
   assert [m["step"] for m in logged] == [4, 8]
+  assert [e["step"] for e in read_metrics(means, "eval")] == [3, 6, 8]
   groups = ["grad_norm/stem", "grad_norm/stage1", "grad_norm/stage2", "grad_norm/stage3",
             "grad_norm/head"]
   for m in per_step:

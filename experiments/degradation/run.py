@@ -27,7 +27,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS_PER_EPOCH = 50_000 // 128     # CIFAR-10's train split at the paper's batch
 FULL_SCHEDULE = 64_000
 # The paper's test error (%) of these nets, Table 6 (option A) and Fig. 6 (plain: read
 # off the figure, not printed as numbers).
@@ -50,7 +49,7 @@ def _overrides(args) -> list[str]:
          "--config.log_grad_norms=stage",
          f"--config.log_every_steps={max(b // 100, 1)}",
          # ten evaluations over the run, the last at its end
-         f"--config.eval_every_epochs={max(b // 10, 1) / STEPS_PER_EPOCH}",
+         f"--config.eval_every_steps={max(b // 10, 1)}",
          f"--config.checkpoint.every_steps={max(b // 4, 1)}"]
   if args.image_folder:
     out.append(f"--config.data.image_folder={os.path.abspath(args.image_folder)}")

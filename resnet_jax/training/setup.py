@@ -120,11 +120,18 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return steps
 
 
+def eval_interval(config, steps_per_epoch: int) -> int:
+  """Steps between evaluations: eval_every_steps when set, else eval_every_epochs."""
+  if config.eval_every_steps > 0:
+    return config.eval_every_steps
+  return max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
+
+
 def check_durations(config, steps_per_epoch: int, steps_total: int) -> list[str]:
   """Durations in epochs that only make sense against the run's length: ConfigError for an
   evaluation interval under one step; warnings (returned) for a warm-up that never ends."""
   every = config.eval_every_epochs * steps_per_epoch
-  if every < 1:
+  if config.eval_every_steps <= 0 and every < 1:
     raise ConfigError(f"config key 'eval_every_epochs'={config.eval_every_epochs!r}: expected "
                       f"at least one step's worth ({1 / steps_per_epoch:.4g} epochs at "
                       f"{steps_per_epoch} steps per epoch)")
