@@ -9,6 +9,13 @@ import sys
 
 from conftest import DEFAULT_CONFIG, REPO, cli_env
 
+# An editable install (`pip install -e .`, as launch.sh makes) puts a finder in
+# sys.meta_path that maps resnet_jax's submodules to the checkout: it would find
+# resnet_jax.cpu_speed there even when the copy on PYTHONPATH has none. The children run
+# without it, so only the copy can be imported.
+_WITHOUT_EDITABLE = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' "
+                     "not in getattr(f, '__name__', type(f).__name__)]; ")
+
 
 def test_the_default_experiment_reaches_its_result_without_the_cpu_speed_package(
     data_dir, tmp_path):
@@ -18,13 +25,16 @@ def test_the_default_experiment_reaches_its_result_without_the_cpu_speed_package
   shutil.rmtree(package / "cpu_speed")
   env = cli_env(1, PYTHONPATH=str(package.parent))
   # Only the copy can be imported: a cpu_speed import anywhere would fail the run.
-  probe = subprocess.run([sys.executable, "-c", "import resnet_jax, importlib.util; "
+  probe = subprocess.run([sys.executable, "-c", _WITHOUT_EDITABLE +
+                          "import resnet_jax, importlib.util; "
                           "print(resnet_jax.__file__, importlib.util.find_spec("
                           "'resnet_jax.cpu_speed'))"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, check=True)
   assert probe.stdout.split() == [str(package / "__init__.py"), "None"], probe.stdout
   workdir = tmp_path / "run"
-  proc = subprocess.run([sys.executable, "-m", "resnet_jax", f"--config={DEFAULT_CONFIG}",
+  run_module = _WITHOUT_EDITABLE + ("import runpy; runpy.run_module('resnet_jax', "
+                                    "run_name='__main__', alter_sys=True)")
+  proc = subprocess.run([sys.executable, "-c", run_module, f"--config={DEFAULT_CONFIG}",
                          f"--config.data.data_dir={data_dir}", f"--workdir={workdir}"],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
