@@ -19,13 +19,14 @@ torchvision's architecture (parameter counts asserted: resnet18 11,689,512, resn
 
 Usage (from the repository root):
 
-  # CPU, this repository's three targets (see experiments/performance.md):
-  /tmp/torchvenv/bin/python experiments/benchmark_torch_peer.py --model resnet18 \\
-      --image-size 224 --batch 32 --ours-python /tmp/venvprobe/bin/python
-  /tmp/torchvenv/bin/python experiments/benchmark_torch_peer.py --model resnet50 \\
-      --image-size 224 --batch 32 --ours-python /tmp/venvprobe/bin/python
-  /tmp/torchvenv/bin/python experiments/benchmark_torch_peer.py --model resnet20 \\
-      --image-size 32 --batch 128 --ours-python /tmp/venvprobe/bin/python
+  # CPU, this repository's three targets (docs/performance.md); T: a python with torch,
+  # e.g. the one ./launch.sh test makes, ~/.cache/resnet_jax/torch-env-*/bin/python
+  $T experiments/benchmark_torch_peer.py --model resnet18 \\
+      --image-size 224 --batch 32 --ours-python .venv/bin/python
+  $T experiments/benchmark_torch_peer.py --model resnet50 \\
+      --image-size 224 --batch 32 --ours-python .venv/bin/python
+  $T experiments/benchmark_torch_peer.py --model resnet20 \\
+      --image-size 32 --batch 128 --ours-python .venv/bin/python
   # one GPU (bf16 autocast + torch.compile for PyTorch, bf16 for ours):
   python experiments/benchmark_torch_peer.py --device cuda --dtype bfloat16 \\
       --model resnet50 --image-size 224 --batch 256
