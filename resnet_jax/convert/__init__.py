@@ -26,10 +26,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from resnet_jax import models
-from resnet_jax.convert import torch_layout, weights_file
+from resnet_jax.convert import torch_layout, torch_pickle, weights_file
 
 SOURCES = ("torchvision", "timm", "keras")
-_TORCH_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 
 def layout_of(model_name: str) -> str:
@@ -69,8 +68,8 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     raise ValueError(f"{path}: no such file")
   if path.endswith(".safetensors"):
     return _read_safetensors(path)
-  if path.endswith(_TORCH_PICKLE_SUFFIXES):
-    return _read_torch_pickle(path)
+  if path.endswith(torch_pickle.SUFFIXES):
+    return torch_pickle.read(path)
   raise ValueError(f"{path}: expected a .safetensors or .pth file")
 
 
@@ -85,45 +84,6 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     return load_file(path)
   except Exception as e:  # noqa: BLE001 -- e.g. bfloat16 tensors, which numpy cannot hold
     raise ValueError(f"{path}: unreadable tensors ({weights_file.first_line(e)})") from None
-
-
-def _read_torch_pickle(path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch  # noqa: PLC0415
-  except ImportError:
-    raise ValueError(f"{path}: reading a .pth file needs torch (pip install torch), or "
-                     "save the state dict as .safetensors first") from None
-  try:
-    # weights_only=True: torch's restricted unpickler, which builds tensors and plain
-    # containers only -- a malicious pickle cannot run code through it.
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # noqa: BLE001 -- UnpicklingError, RuntimeError, EOFError...
-    raise ValueError(f"{path}: not a plain torch state dict (torch.load with "
-                     f"weights_only=True refused it: {weights_file.first_line(e)})") from None
-  state = _unwrap_state_dict(path, obj)
-  out = {}
-  for key, tensor in state.items():
-    if not isinstance(tensor, torch.Tensor):
-      raise ValueError(f"{path}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
-    tensor = tensor.detach().cpu()
-    if tensor.is_floating_point() and tensor.dtype != torch.float32:
-      tensor = tensor.float()   # numpy has no bfloat16; our params are float32 anyway
-    out[key] = tensor.numpy()
-  return out
-
-
-def _unwrap_state_dict(path: str, obj: Any) -> Mapping[str, Any]:
-  """The state dict inside common checkpoint wrappings ({"state_dict": ...}, {"model": ...},
-  DataParallel's "module." prefix)."""
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-  for wrapper in ("state_dict", "model"):
-    if isinstance(obj.get(wrapper), Mapping):
-      obj = obj[wrapper]
-      break
-  if obj and all(k.startswith("module.") for k in obj):
-    obj = {k[len("module."):]: v for k, v in obj.items()}
-  return obj
 
 
 def _sha256(path: str) -> str:
