@@ -34,12 +34,27 @@ _CONNECT_TIMEOUT_S = 60
 class PeerWatch:
   def __init__(self, client, index: int, count: int, on_death, coordinator: str = ""):
     """`on_death(peer_index)` runs in the watch thread when a peer's stream ends without a
-    goodbye."""
+    goodbye. When connecting fails, `error` says why and nothing is watched; goodbye() still
+    reaches the peers this process did connect to."""
     self.index, self.count, self._on_death = index, count, on_death
     self._outgoing: list[socket.socket] = []
     self._incoming: dict[socket.socket, int] = {}
     self._departed: set[int] = set()
     self._lock = threading.Lock()
+    self._leaving = False
+    self._thread: threading.Thread | None = None
+    self.error: Exception | None = None
+    try:
+      self._connect(client, coordinator)
+    except Exception as e:  # noqa: BLE001 -- any failure only means no early notice
+      self.error = e
+      return
+    self._thread = threading.Thread(target=self._watch, name="resnet_jax-peer-watch",
+                                    daemon=True)
+    self._thread.start()
+
+  def _connect(self, client, coordinator: str) -> None:
+    index, count = self.index, self.count
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("", 0))
     server.listen(count)
@@ -57,14 +72,15 @@ class PeerWatch:
     server.settimeout(_CONNECT_TIMEOUT_S)
     for _ in range(count - 1):
       conn, _ = server.accept()
+      # A fast peer may already have said goodbye on this connection: read the index
+      # line only, and leave the goodbye to the watch.
       peer = int(_read_line(conn))
+      conn.settimeout(None)
       self._incoming[conn] = peer
     server.close()
-    self._thread = threading.Thread(target=self._watch, name="resnet_jax-peer-watch",
-                                    daemon=True)
-    self._thread.start()
 
   def _watch(self):
+    received: dict[socket.socket, bytes] = {}
     while self._incoming:
       readable, _, _ = select.select(list(self._incoming), [], [])
       for conn in readable:
@@ -72,16 +88,21 @@ class PeerWatch:
           data = conn.recv(64)
         except OSError:
           data = b""
+        if data:                  # a goodbye, possibly in pieces; its end of stream follows
+          received[conn] = received.get(conn, b"") + data
+          continue
         peer = self._incoming.pop(conn)
         conn.close()
-        if data.startswith(_GOODBYE.strip()):
+        if _GOODBYE in received.pop(conn, b""):
           with self._lock:
             self._departed.add(peer)
-        else:
+        elif not self._leaving:
+          # Once this process is leaving in order itself, a peer's end changes nothing.
           self._on_death(peer)
 
   def goodbye(self) -> None:
     """This process stops on purpose: its peers must not take it for dead."""
+    self._leaving = True
     for out in self._outgoing:
       try:
         out.sendall(_GOODBYE)
@@ -92,9 +113,10 @@ class PeerWatch:
 
 
 def _read_line(conn: socket.socket) -> str:
+  """One line, read a byte at a time: nothing after it is consumed."""
   data = b""
   while not data.endswith(b"\n"):
-    chunk = conn.recv(16)
+    chunk = conn.recv(1)
     if not chunk:
       break
     data += chunk
@@ -123,9 +145,9 @@ def start(client, index: int, count: int, on_death, coordinator: str = "") -> No
   global _watch
   if count <= 1 or os.environ.get("RESNET_JAX_PEER_WATCH", "1") == "0":
     return
-  try:
-    _watch = PeerWatch(client, index, count, on_death, coordinator)
-  except Exception as e:  # noqa: BLE001 -- any failure only means no early notice
+  _watch = PeerWatch(client, index, count, on_death, coordinator)
+  if _watch.error is not None:
+    e = _watch.error
     print(f"resnet_jax: process {index}: peer watch off ({type(e).__name__}: {e}); a dead "
           "peer is then noticed by JAX's heartbeat", file=sys.stderr, flush=True)
 

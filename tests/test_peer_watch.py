@@ -66,3 +66,34 @@ def test_a_peer_that_says_goodbye_is_not_reported():
     assert not w._thread.is_alive()
   assert deaths == []
   assert watches[0]._departed == {1} and watches[1]._departed == {0}
+
+
+def test_the_index_line_is_read_without_consuming_a_goodbye_behind_it():
+  """A fast peer can say goodbye before this process accepts its connection: both lines
+  are then waiting, and the index line must leave the goodbye for the watch."""
+  import socket
+  a, b = socket.socketpair()
+  a.sendall(b"1\n" + peer_watch._GOODBYE)
+  a.close()
+  assert peer_watch._read_line(b) == "1"
+  assert b.recv(64) == peer_watch._GOODBYE
+  b.close()
+
+
+def test_once_this_process_leaves_in_order_a_peer_ending_is_not_a_death():
+  watches, deaths, _ = _watches(2)
+  watches[0].goodbye()
+  _die(watches[1])                      # process 1 ends without a goodbye after process 0 left
+  for w in watches:
+    w._thread.join(timeout=600)
+    assert not w._thread.is_alive()
+  assert deaths == []
+
+
+def test_a_watch_that_cannot_connect_says_why_and_still_says_goodbye():
+  class _Unreachable(_Store):
+    def blocking_key_value_get(self, key, timeout_ms):
+      raise TimeoutError(f"{key} never published")
+  watch = peer_watch.PeerWatch(_Unreachable(), 0, 2, on_death=None)
+  assert isinstance(watch.error, TimeoutError) and watch._thread is None
+  watch.goodbye()
