@@ -30,7 +30,10 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# The PIL reference, shared with tests/test_pixel_exact.py.
+sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -39,7 +42,8 @@ from PIL import Image  # noqa: E402
 
 from resnet_jax.data import imagenet_preprocess as ipp  # noqa: E402
 
-PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+from pil_reference import PIL_FILTERS, jpeg, torchvision_eval  # noqa: E402
+
 SETTINGS = {  # resize size -> crop_pct giving it for a 224 crop
     256: 0.875,
     232: 224 / 232,
@@ -50,25 +54,6 @@ METHODS = {
     "tf_aa_fast": dict(antialias=True, resizer="tf", dct_method=""),
     "tf_fast": dict(antialias=False),
 }
-
-
-def torchvision_reference(encoded: bytes, resize: int, crop: int, interpolation: str):
-  """torchvision's Resize(resize) + CenterCrop(crop) on Image.open(...).convert("RGB")."""
-  image = Image.open(io.BytesIO(encoded)).convert("RGB")
-  w, h = image.size
-  if w <= h:
-    new_w, new_h = resize, int(resize * h / w)
-  else:
-    new_w, new_h = int(resize * w / h), resize
-  image = image.resize((new_w, new_h), PIL_FILTERS[interpolation])
-  top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
-  return np.asarray(image.crop((left, top, left + crop, top + crop)))
-
-
-def pil_jpeg(array, quality, mode="RGB", **kw) -> bytes:
-  out = io.BytesIO()
-  Image.fromarray(array).convert(mode).save(out, format="JPEG", quality=quality, **kw)
-  return out.getvalue()
 
 
 def sample_cases(qualities):
@@ -89,11 +74,11 @@ def sample_cases(qualities):
     }
     for label, array in variants.items():
       for q in qualities:
-        cases.append((f"{name[:-4]} {label} q{q}", pil_jpeg(array, q)))
-    cases.append((f"{name[:-4]} 333x501 grey q75", pil_jpeg(variants["333x501"], 75, "L")))
-    cases.append((f"{name[:-4]} 427x640 4:4:4 q90", pil_jpeg(photo, 90, subsampling=0)))
+        cases.append((f"{name[:-4]} {label} q{q}", jpeg(array, q)))
+    cases.append((f"{name[:-4]} 333x501 grey q75", jpeg(variants["333x501"], 75, "L")))
+    cases.append((f"{name[:-4]} 427x640 4:4:4 q90", jpeg(photo, 90, subsampling=0)))
     cases.append((f"{name[:-4]} 427x640 4:2:2 progressive q85",
-                  pil_jpeg(photo, 85, subsampling=1, progressive=True)))
+                  jpeg(photo, 85, subsampling=1, progressive=True)))
   return cases
 
 
@@ -118,7 +103,7 @@ def compare(cases, title):
   for label, encoded in cases:
     for resize, crop_pct in SETTINGS.items():
       for interpolation in PIL_FILTERS:
-        ref = torchvision_reference(encoded, resize, 224, interpolation).astype(np.int32)
+        ref = torchvision_eval(encoded, resize, 224, interpolation).astype(np.int32)
         cells = []
         for method, kw in METHODS.items():
           ours = ipp.eval_image(encoded, 224, crop_pct=crop_pct, interpolation=interpolation,
@@ -162,7 +147,7 @@ def proxies(n, quality):
     photo = photos[i % 2]
     top, left = rng.randint(0, photo.shape[0] - 375 + 1), rng.randint(0, photo.shape[1] - 500 + 1)
     crop = photo[top:top + 375, left:left + 500]
-    out.append(pil_jpeg(np.ascontiguousarray(crop[:, ::-1] if rng.rand() < 0.5 else crop),
+    out.append(jpeg(np.ascontiguousarray(crop[:, ::-1] if rng.rand() < 0.5 else crop),
                         quality))
   return out
 
@@ -223,7 +208,7 @@ def timings(n, quality, repeats):
   for _ in range(repeats):
     cpu, wall = time.process_time(), time.perf_counter()
     for e in encoded:
-      torchvision_reference(e, 256, 224, "bilinear")
+      torchvision_eval(e, 256, 224, "bilinear")
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     best = (cpu, wall) if best is None or cpu < best[0] else best
   print(f"| PIL itself: open, convert, resize bilinear, crop (Python) | "

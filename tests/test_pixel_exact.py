@@ -19,29 +19,9 @@ from PIL import Image
 
 from resnet_jax.data import imagenet_preprocess as ipp
 
-PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-# Pillow >= 13 runs the vertical pass first when the height loses more than twice the pixels
-# the width loses (portraits taller than 2:1 here); Pillow <= 12 always went horizontal first.
+from pil_reference import PIL_FILTERS, jpeg, torchvision_eval
+
 PILLOW_13 = int(PIL.__version__.split(".")[0]) >= 13
-
-
-def torchvision_eval(encoded: bytes, resize: int, crop: int, interpolation: str):
-  """torchvision's Resize(resize) + CenterCrop(crop) on a PIL image, as uint8."""
-  image = Image.open(io.BytesIO(encoded)).convert("RGB")
-  w, h = image.size
-  if w <= h:
-    new_w, new_h = resize, int(resize * h / w)
-  else:
-    new_w, new_h = int(resize * w / h), resize
-  image = image.resize((new_w, new_h), PIL_FILTERS[interpolation])
-  top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
-  return np.asarray(image.crop((left, top, left + crop, top + crop)))
-
-
-def _jpeg(array, quality, mode="RGB", **kw):
-  out = io.BytesIO()
-  Image.fromarray(array).convert(mode).save(out, format="JPEG", quality=quality, **kw)
-  return out.getvalue()
 
 
 def _photos():
@@ -67,10 +47,10 @@ def jpegs():
     }
     for size, array in sizes.items():
       for quality in (50, 75, 95):
-        out[f"{name} {size} q{quality}"] = _jpeg(array, quality)
-    out[f"{name} 333x501 grey"] = _jpeg(sizes["333x501"], 75, "L")
-    out[f"{name} 427x640 4:4:4"] = _jpeg(photo, 90, subsampling=0)
-    out[f"{name} 257x259 4:2:2 progressive"] = _jpeg(sizes["257x259"], 85, subsampling=1,
+        out[f"{name} {size} q{quality}"] = jpeg(array, quality)
+    out[f"{name} 333x501 grey"] = jpeg(sizes["333x501"], 75, "L")
+    out[f"{name} 427x640 4:4:4"] = jpeg(photo, 90, subsampling=0)
+    out[f"{name} 257x259 4:2:2 progressive"] = jpeg(sizes["257x259"], 85, subsampling=1,
                                                      progressive=True)
   return out
 
@@ -185,7 +165,7 @@ def test_jpeg_window_decode_is_the_full_decode_cropped():
   rng = np.random.default_rng(1)
   photo = _photos()["flower"]
   for subsampling in (0, 1, 2):
-    encoded = _jpeg(photo, 90, subsampling=subsampling)
+    encoded = jpeg(photo, 90, subsampling=subsampling)
     full = ipp.decode_rgb(encoded).numpy()
     for _ in range(15):
       top, left = int(rng.integers(0, 400)), int(rng.integers(0, 600))
