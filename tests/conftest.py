@@ -94,3 +94,15 @@ def copy_without_ema(run_dir, dest) -> str:
   with open(os.path.join(dest, "config.json"), "w") as f:
     json.dump(config, f)
   return str(dest)
+
+
+def train_stream(builder, data_cfg, *, seed, process_index=0, process_count=1, start_step=0,
+                 batch=64):
+  """The trainer's input stream of one process: input_pipeline.train_batches over that
+  process's split."""
+  from resnet_jax.data import input_pipeline as ip
+  split = ip.train_split_info(builder, data_cfg, process_index=process_index,
+                              process_count=process_count)
+  return ip.train_batches(builder, data_cfg, seed=seed, global_batch=batch,
+                          start_step=start_step, split_info=split,
+                          process_index=process_index, process_count=process_count)

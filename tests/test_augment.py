@@ -18,6 +18,8 @@ from resnet_jax.config_schema import base_config
 from resnet_jax.data import augment, datasets, input_pipeline as ip
 from resnet_jax.training import state as state_lib, steps
 
+from conftest import train_stream
+
 OPS = augment.OPS
 # No magnitude (autocontrast, equalize) or not the identity at 0 (solarize's threshold 255).
 NOT_IDENTITY_AT_ZERO = {"autocontrast", "equalize", "solarize"}
@@ -171,12 +173,7 @@ def _digits_cfg(**kw):
   return cfg
 
 
-def _stream(builder, cfg, *, start_step=0, process_index=0, process_count=1, batch=64):
-  split = ip.train_split_info(builder, cfg, process_index=process_index,
-                              process_count=process_count)
-  return ip.train_batches(builder, cfg, seed=5, global_batch=batch, start_step=start_step,
-                          split_info=split, process_index=process_index,
-                          process_count=process_count)
+_stream = functools.partial(train_stream, seed=5)
 
 
 def test_augmented_stream_is_a_function_of_seed_and_step(digits):

@@ -1,6 +1,7 @@
 """The input pipeline: resumable, identical global batches for any process count ("batch"),
 or each process its own shard ("split"); eval covers every example once."""
 
+import functools
 import hashlib
 import json
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from resnet_jax.config_schema import base_config
 from resnet_jax.data import datasets, input_pipeline as ip
 
-from conftest import REPO
+from conftest import REPO, train_stream
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,7 @@ def _cfg(mode="batch", **kw):
   return cfg.data
 
 
-def _stream(builder, data_cfg, *, process_index=0, process_count=1, start_step=0, batch=64):
-  split = ip.train_split_info(builder, data_cfg, process_index=process_index,
-                              process_count=process_count)
-  return ip.train_batches(builder, data_cfg, seed=3, global_batch=batch, start_step=start_step,
-                          split_info=split, process_index=process_index,
-                          process_count=process_count)
+_stream = functools.partial(train_stream, seed=3)
 
 
 def test_batch_mode_gives_the_same_global_batches_for_any_process_count(builder):
