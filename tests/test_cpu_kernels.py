@@ -230,13 +230,18 @@ def test_max_pool_matches_select_and_scatter_on_nans_infinities_and_shared_winne
   """Edge cases of the kernel's first-maximum rule against XLA's native max pool: -inf
   everywhere (the first tap wins), one value that wins four overlapping 3x3/2 windows (its
   gradient is their sum), and a NaN: y is NaN as natively, and the NaN window's gradient is
-  dropped, as the XLA "cpu" lowering does (select-and-scatter hands it to some other tap)."""
-  x = np.zeros((2, 5, 5, 3), np.float32)
-  x[0, 2, 2, 0] = 5.0                    # centre of the 5x5: in all four windows
-  x[0, 0, 0, 1] = np.nan
-  x[1, :, :, 2] = -np.inf
-  x[1, 1, 3, 1] = 2.0
-  dy = np.arange(1, 2 * 2 * 2 * 3 + 1, dtype=np.float32).reshape(2, 2, 2, 3)
+  dropped, as the XLA "cpu" lowering does (select-and-scatter hands it to some other tap).
+  The kernel works on 16 channels at a time and channel by channel on the rest, so the edge
+  cases sit in channels 0-2 (a vector) and 16-18 (the tail), around channels of values
+  drawn from four levels, where most windows hold ties."""
+  edge = np.zeros((2, 5, 5, 3), np.float32)
+  edge[0, 2, 2, 0] = 5.0                 # centre of the 5x5: in all four windows
+  edge[0, 0, 0, 1] = np.nan
+  edge[1, :, :, 2] = -np.inf
+  edge[1, 1, 3, 1] = 2.0
+  ties = np.random.default_rng(0).integers(-2, 2, (2, 5, 5, 13)).astype(np.float32)
+  x = np.concatenate([edge, ties, edge], axis=-1)        # 19 channels
+  dy = np.arange(1, 2 * 2 * 2 * 19 + 1, dtype=np.float32).reshape(2, 2, 2, 19)
 
   def run(name):
     pool = lowering.choose(name).layers.get("pool", models.DEFAULT_LAYERS["pool"])
@@ -245,9 +250,35 @@ def test_max_pool_matches_select_and_scatter_on_nans_infinities_and_shared_winne
 
   (y, dx), (y_ref, dx_ref), (_, dx_cpu) = run("onednn"), run("native"), run("cpu")
   np.testing.assert_array_equal(y, y_ref)          # NaN where the native y is NaN, too
-  assert np.isnan(y[0, 0, 0, 1]) and dx[0, 2, 2, 0] == dy[0, :, :, 0].sum()
   np.testing.assert_array_equal(dx, dx_cpu)
-  # Natively, the NaN window's gradient lands on one tap inside it; nothing else differs.
-  (where,) = np.argwhere(dx_ref != dx)
-  assert where[0] == 0 and where[3] == 1 and max(where[1:3]) < 3, where
-  assert dx_ref[tuple(where)] - dx[tuple(where)] == dy[0, 0, 0, 1]
+  for c in (0, 16):                                # the vector path and the tail
+    assert np.isnan(y[0, 0, 0, c + 1]) and dx[0, 2, 2, c] == dy[0, :, :, c].sum()
+  # Natively, each NaN window's gradient lands on one tap inside it; nothing else differs.
+  where = np.argwhere(dx_ref != dx)
+  assert sorted(w[3] for w in where) == [1, 17], where
+  for w in where:
+    assert w[0] == 0 and max(w[1:3]) < 3, where
+    assert dx_ref[tuple(w)] - dx[tuple(w)] == dy[0, 0, 0, w[3]]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 6, 8, 19), (3, 9, 9, 64)])
+def test_max_pool_on_random_maps_matches_xla(shape):
+  """Random maps whose last row and column no 3x3/2 window reaches (6x8) and a stem-like
+  width of 64: the kernel's y is XLA's, its gradient the "cpu" lowering's, and the pixels
+  no window reads get exactly zero."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=shape).astype(np.float32))
+  y_shape = (shape[0], (shape[1] - 3) // 2 + 1, (shape[2] - 3) // 2 + 1, shape[3])
+  dy = jnp.asarray(np.random.default_rng(2).normal(size=y_shape).astype(np.float32))
+
+  def run(name):
+    pool = lowering.choose(name).layers.get("pool", models.DEFAULT_LAYERS["pool"])
+    y, vjp = jax.vjp(lambda x: pool(x, (3, 3), strides=(2, 2)), x)
+    return np.asarray(y), np.asarray(vjp(dy)[0])
+
+  (y, dx), (y_ref, _), (_, dx_cpu) = run("onednn"), run("native"), run("cpu")
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_allclose(dx, dx_cpu, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(dx == 0, dx_cpu == 0)
+  if shape[1] == 6:
+    assert not dx[:, 5].any() and not dx[:, :, 7].any()

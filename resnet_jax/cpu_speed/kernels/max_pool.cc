@@ -9,9 +9,13 @@
 // taps each became a fusion over the whole padded input (0.6 s of a ResNet-18 step, batch
 // 32: XLA recomputed the winners in each); here the forward records the winner in one byte
 // and the backward is one pass. A window holding a NaN gives y = NaN and no winner.
+// The forward works on 16 channels at a time as explicit vectors: GCC vectorised the
+// per-channel loop across taps instead (gathers), 13.5 vs 4.5 ms for the ResNet stem's pool
+// (113x113x64 -> 56x56x64, batch 32, 2 cores).
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -48,6 +52,59 @@ ffi::Error MakeGeometry(Dims x, Dims y, Dims window, Dims strides, Geometry* g) 
 using F32 = ffi::Buffer<ffi::F32>;
 using S8 = ffi::Buffer<ffi::S8>;
 
+// 16 channels as one vector (GCC/Clang vector extensions: one AVX-512 register, two AVX2
+// ones, ... -- whatever the target has).
+constexpr int kLanes = 16;
+typedef float Floats __attribute__((vector_size(4 * kLanes)));
+typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
+typedef int8_t Bytes __attribute__((vector_size(kLanes)));
+
+inline Floats Load(const float* p) {
+  Floats v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// One output pixel over channels [c0, c0 + kLanes) of its window's taps (`tap[t] + c0`):
+// the maximum and the first tap that holds it. Two passes over the taps (in L1 by then): the
+// maximum, then the winner as the lowest t whose value equals it -- the same result as one
+// pass of "strictly greater takes over", without the index depending on the running
+// maximum, so both passes are plain vector max / compare-select.
+inline void PoolVector(const float* const* tap, int taps, int64_t c0, float* best,
+                       int8_t* index) {
+  Floats m = Load(tap[0] + c0);
+  Ints nan = m != m;
+  for (int t = 1; t < taps; ++t) {
+    const Floats v = Load(tap[t] + c0);
+    m = v > m ? v : m;   // strictly greater: the first of equal values stays
+    nan |= v != v;
+  }
+  Ints win = Ints{} + kNoWinner;
+  for (int t = taps - 1; t >= 0; --t) win = Load(tap[t] + c0) == m ? Ints{} + t : win;
+  // A NaN in the window: y = NaN and no winner, as XLA's max and == give.
+  m = nan ? Floats{} + std::numeric_limits<float>::quiet_NaN() : m;
+  win = nan ? Ints{} + kNoWinner : win;
+  const Bytes bytes = __builtin_convertvector(win, Bytes);
+  std::memcpy(best + c0, &m, sizeof(m));
+  std::memcpy(index + c0, &bytes, sizeof(bytes));
+}
+
+// The same for one channel (the tail of a width that is not a multiple of kLanes).
+inline void PoolScalar(const float* const* tap, int taps, int64_t c, float* best,
+                       int8_t* index) {
+  float m = tap[0][c];
+  bool nan = m != m;
+  for (int t = 1; t < taps; ++t) {
+    const float v = tap[t][c];
+    m = v > m ? v : m;
+    nan |= v != v;
+  }
+  int8_t win = kNoWinner;
+  for (int t = taps - 1; t >= 0; --t) win = tap[t][c] == m ? static_cast<int8_t>(t) : win;
+  best[c] = nan ? std::numeric_limits<float>::quiet_NaN() : m;
+  index[c] = nan ? kNoWinner : win;
+}
+
 ffi::Error Forward(F32 x, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> winner,
                    Dims window, Dims strides) {
   Geometry g;
@@ -56,46 +113,27 @@ ffi::Error Forward(F32 x, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   int8_t* ip = winner->typed_data();
+  const int taps = static_cast<int>(g.kh * g.kw);
   std::lock_guard<std::mutex> guard(resnet_jax::KernelLock());
 #pragma omp parallel
   {
-    std::vector<uint8_t> nan(g.c);   // per channel: a NaN seen in this window
+    std::vector<const float*> tap(taps);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t n = 0; n < g.n; ++n) {
       for (int64_t oh = 0; oh < g.ho; ++oh) {
         for (int64_t ow = 0; ow < g.wo; ++ow) {
           const int64_t out = ((n * g.ho + oh) * g.wo + ow) * g.c;
-          float* __restrict best = yp + out;
-          int8_t* __restrict index = ip + out;
-          uint8_t* __restrict seen = nan.data();
-          for (int64_t c = 0; c < g.c; ++c) {
-            best[c] = -std::numeric_limits<float>::infinity();
-            index[c] = kNoWinner;
-            seen[c] = 0;
-          }
-          int8_t t = 0;
+          int t = 0;
           for (int64_t i = 0; i < g.kh; ++i) {
-            for (int64_t j = 0; j < g.kw; ++j, ++t) {
-              const float* __restrict tap =
-                  xp + ((n * g.h + oh * g.sh + i) * g.w + ow * g.sw + j) * g.c;
-#pragma omp simd
-              for (int64_t c = 0; c < g.c; ++c) {
-                const float v = tap[c];
-                // Strictly greater: an equal later tap does not take over (first maximum).
-                const bool take = v > best[c] || (index[c] == kNoWinner && v == best[c]);
-                best[c] = take ? v : best[c];
-                index[c] = take ? t : index[c];
-                seen[c] |= v != v;
-              }
+            for (int64_t j = 0; j < g.kw; ++j) {
+              tap[t++] = xp + ((n * g.h + oh * g.sh + i) * g.w + ow * g.sw + j) * g.c;
             }
           }
-          // A NaN in the window: y = NaN and no winner, as XLA's max and == give.
-          for (int64_t c = 0; c < g.c; ++c) {
-            if (seen[c]) {
-              best[c] = std::numeric_limits<float>::quiet_NaN();
-              index[c] = kNoWinner;
-            }
+          int64_t c0 = 0;
+          for (; c0 + kLanes <= g.c; c0 += kLanes) {
+            PoolVector(tap.data(), taps, c0, yp + out, ip + out);
           }
+          for (; c0 < g.c; ++c0) PoolScalar(tap.data(), taps, c0, yp + out, ip + out);
         }
       }
     }
@@ -115,26 +153,36 @@ ffi::Error Backward(F32 dy, S8 winner, ffi::ResultBuffer<ffi::F32> dx, Dims wind
   const int8_t* ip = winner.typed_data();
   float* dxp = dx->typed_data();
   std::lock_guard<std::mutex> guard(resnet_jax::KernelLock());
-  // One image per iteration: windows overlap within an image, never across images.
+  const int64_t row = g.w * g.c;   // one input row of dx
+  // One image per iteration: windows overlap within an image, never across images. Rows
+  // of dx are zeroed just before the first window reaches them, so they are still in cache
+  // when the gradient is added (zeroing the whole image first: 7.5 vs 5.6 ms at 113x113x64,
+  // batch 32).
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < g.n; ++n) {
-    float* image = dxp + n * g.h * g.w * g.c;
-    std::memset(image, 0, sizeof(float) * g.h * g.w * g.c);
+    float* image = dxp + n * g.h * row;
+    int64_t zeroed = 0;   // rows [0, zeroed) are zero or hold gradient
     for (int64_t oh = 0; oh < g.ho; ++oh) {
+      const int64_t last = std::min(g.h, oh * g.sh + g.kh);
+      if (last > zeroed) {
+        std::memset(image + zeroed * row, 0, sizeof(float) * (last - zeroed) * row);
+        zeroed = last;
+      }
       for (int64_t ow = 0; ow < g.wo; ++ow) {
         const int64_t out = ((n * g.ho + oh) * g.wo + ow) * g.c;
         const float* __restrict grad = gp + out;
         const int8_t* __restrict index = ip + out;
-        int8_t t = 0;
+        int t = 0;
         for (int64_t i = 0; i < g.kh; ++i) {
           for (int64_t j = 0; j < g.kw; ++j, ++t) {
-            float* __restrict dst = image + ((oh * g.sh + i) * g.w + ow * g.sw + j) * g.c;
+            float* __restrict dst = image + (oh * g.sh + i) * row + (ow * g.sw + j) * g.c;
 #pragma omp simd
             for (int64_t c = 0; c < g.c; ++c) dst[c] += index[c] == t ? grad[c] : 0.f;
           }
         }
       }
     }
+    if (g.h > zeroed) std::memset(image + zeroed * row, 0, sizeof(float) * (g.h - zeroed) * row);
   }
   return ffi::Error::Success();
 }
