@@ -282,3 +282,29 @@ def test_max_pool_on_random_maps_matches_xla(shape):
   np.testing.assert_array_equal(dx == 0, dx_cpu == 0)
   if shape[1] == 6:
     assert not dx[:, 5].any() and not dx[:, :, 7].any()
+
+
+WEIGHT_GRADIENTS = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    from resnet_jax.cpu_speed import kernels
+    for c, f in ((16, 32), (32, 16)):
+      x, w = jnp.ones((2, 6, 6, c)), jnp.ones((1, 1, c, f))
+      jax.grad(lambda w: kernels.conv2d(x, w, (1, 1), ((0, 0), (0, 0))).sum())(w)
+""")
+
+
+@needs_kernels
+def test_a_widening_1x1_weight_gradient_runs_on_onednns_gemm():
+  """The kernel's one implementation choice (onednn_conv.cc, GemmWeightGradient): a stride-1
+  1x1 convolution that widens the channels gets its weight gradient from oneDNN's GEMM, a
+  narrowing one from the default direct kernel, as oneDNN's own log of executed primitives
+  shows."""
+  out = subprocess.run([sys.executable, "-c", WEIGHT_GRADIENTS], capture_output=True,
+                       text=True, env=cli_env(ONEDNN_VERBOSE="1"), cwd=REPO, timeout=600)
+  assert out.returncode == 0, out.stderr
+  lines = [line for line in out.stdout.splitlines()
+           if ",exec," in line and "convolution" in line and "backward_weights" in line]
+  assert len(lines) == 2, out.stdout
+  widening, narrowing = lines
+  assert "gemm" in widening and "ic16oc32" in widening, widening
+  assert "gemm" not in narrowing and "ic32oc16" in narrowing, narrowing

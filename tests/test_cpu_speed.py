@@ -75,7 +75,8 @@ def test_models_built_through_the_seam_have_the_default_variables():
 
 
 @pytest.mark.parametrize("kernel,strides,padding,hw", [
-    (1, 1, "VALID", (9, 9)),             # bottleneck 1x1
+    (1, 1, "VALID", (9, 9)),             # bottleneck 1x1, narrowing (6 -> 5)
+    (1, 1, "VALID", (9, 9, 4)),          # ... widening (4 -> 5): dw on oneDNN's GEMM
     (1, 2, "VALID", (9, 10)),            # projection shortcut, odd size
     (3, 1, "SAME", (9, 9)),
     (3, 2, ((1, 1), (1, 1)), (10, 10)),  # strided 3x3 (torchvision padding)

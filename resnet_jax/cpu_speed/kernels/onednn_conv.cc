@@ -54,6 +54,26 @@ struct Entry {
   bool needs_reorder = false;
 };
 
+// The weight gradient of a stride-1 1x1 convolution that keeps or widens the channels (the
+// bottleneck's expansions, 64->256 ... 512->2048) is one matrix product, x^T dy, and
+// oneDNN's GEMM implementation computes it faster than the direct 1x1 kernel it lists first:
+// 0.53-0.83x the time for those ResNet-50 shapes (batch 32, 2 cores, AMD EPYC); narrowing
+// ones (256->64, ...) are 1.0-1.3x slower on GEMM and keep the default.
+bool GemmWeightGradient(const Problem& p) {
+  return p.kh == 1 && p.kw == 1 && p.sh == 1 && p.sw == 1 && p.pt == 0 && p.pb == 0 &&
+         p.pl == 0 && p.pr == 0 && p.f >= p.c;
+}
+
+// Steps `pd` to the first implementation whose name contains `name`; false if none does
+// (then `pd` is left at the last one).
+template <typename PrimitiveDesc>
+bool NextImplementation(PrimitiveDesc& pd, const char* name) {
+  do {
+    if (std::string(pd.impl_info_str()).find(name) != std::string::npos) return true;
+  } while (pd.next_impl());
+  return false;
+}
+
 Entry Build(Kind kind, const Problem& p) {
   auto& eng = Engine();
   const memory::dims strides = {p.sh, p.sw}, pad_l = {p.pt, p.pl}, pad_r = {p.pb, p.pr};
@@ -81,8 +101,12 @@ Entry Build(Kind kind, const Problem& p) {
       break;
     }
     case Kind::kBackwardWeights: {
-      auto pd = dnnl::convolution_backward_weights::primitive_desc(
-          eng, direct, p.X(), p.W(tag::any), p.Y(), strides, pad_l, pad_r, fwd, attr);
+      auto make = [&] {
+        return dnnl::convolution_backward_weights::primitive_desc(
+            eng, direct, p.X(), p.W(tag::any), p.Y(), strides, pad_l, pad_r, fwd, attr);
+      };
+      auto pd = make();
+      if (GemmWeightGradient(p) && !NextImplementation(pd, "gemm")) pd = make();
       e.prim = dnnl::convolution_backward_weights(pd);
       e.prim_w = pd.diff_weights_desc();
       e.scratch = pd.scratchpad_desc();
