@@ -62,8 +62,9 @@ def _rand(rng, shape, loc=0.0, scale=1.0):
 
 # Odd channel counts, row counts that are no multiple of the kernels' 64-row blocks, a
 # single value, a wide 2048-channel map, and an offset mean (where float sums lose digits).
+# Channels: the kernels take 64 at a time, then 16, then one by one (83 = all three).
 SHAPES = [((3, 5, 7, 13), 0.0), ((2, 33, 33, 64), 0.0), ((1, 1, 1, 1), 0.0),
-          ((4, 3, 3, 2048), 0.0), ((16, 16, 16, 16), 100.0)]
+          ((4, 3, 3, 2048), 0.0), ((16, 16, 16, 16), 100.0), ((2, 9, 7, 83), 1.0)]
 
 
 @needs_kernels
