@@ -155,3 +155,29 @@ def test_the_degradation_experiment_command_runs_end_to_end(tmp_path):
       assert row["gradients"][when]["first_norm"] > 0
   table = (out / "results.md").read_text()
   assert "| plain8 |" in table and "| resnet8 |" in table and "Command: `" in table
+
+
+def test_table6_step_times_projects_the_schedule_from_the_benchmarks_step(tmp_path):
+  """experiments/degradation/table6_step_times.py on two small nets: one row each, whose
+  projected hours are --iterations x the benchmark's median step; a wrong name is one line."""
+  script = os.path.join(REPO, "experiments", "degradation", "table6_step_times.py")
+  out = tmp_path / "t6.md"
+  proc = subprocess.run(
+      [sys.executable, script, "--nets", "resnet8,plain8", "--batch", "4", "--steps", "2",
+       "--warmup", "1", "--iterations", "3600000", "--out", str(out)],
+      cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()
+          if line.startswith("| resnet8 ") or line.startswith("| plain8 ")]
+  assert [r[0].strip() for r in rows] == ["resnet8", "plain8"]
+  for _, ms, _, _, hours in rows:
+    # 3.6e6 iterations x (ms / 1000) s / 3600 s = ms hours.
+    assert float(hours) == pytest.approx(float(ms), abs=0.011)
+  assert "cpu (cpu), jax " in out.read_text()
+  bad = subprocess.run([sys.executable, script, "--nets", "resnet21", "--steps", "1"],
+                       cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 1
+  lines = bad.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "table6_step_times: the benchmark failed for resnet21: benchmark: error: unknown model "
+      "'resnet21'"), bad.stderr
