@@ -17,8 +17,12 @@ Markdown table (stdout, and `--out FILE`) with the hardware the benchmark report
 
 On 2 CPU cores ResNet-1202 takes minutes to compile and ~10 s a step: leave it out there
 (`--nets resnet20,resnet32,resnet44,resnet56,resnet110`). The benchmark reads its defaults
-through ml_collections (and PyYAML): an environment without them (the lent GPU image) needs
-them on its path.
+through ml_collections; neither TensorFlow nor the package install is needed. An
+environment with only jax, flax, optax and orbax (a bare GPU image) runs it from the
+repository root with ml_collections on its path:
+
+  pip install --no-deps --target DIR ml_collections
+  PYTHONPATH=DIR python experiments/degradation/table6_step_times.py --dtype bfloat16
 """
 
 import argparse
