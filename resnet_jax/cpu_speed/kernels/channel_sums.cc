@@ -42,8 +42,18 @@ inline Floats Load(const float* p) {
 
 inline void Store(float* p, Floats v) { std::memcpy(p, &v, sizeof(v)); }
 
+// Each kernel writes what it sums once, for both widths: `terms(load, r, j)` reads its
+// operands through `load` -- 16 channels from j (LoadLanes) or channel j alone (LoadOne) --
+// and gives (what p0 gets, what p1 gets).
+struct LoadLanes {
+  Floats operator()(const float* p) const { return Load(p); }
+};
+struct LoadOne {
+  float operator()(const float* p) const { return *p; }
+};
+
 // Adds rows [r0, r1) of channels [j, j + kVectors * kLanes) into the partials p0, p1, row by
-// row, in registers. `terms(r, j)` gives (what p0 gets, what p1 gets) for 16 channels.
+// row, in registers.
 template <int kVectors, typename Terms>
 inline void AddRows(int64_t r0, int64_t r1, int64_t j, float* p0, float* p1, Terms terms) {
   Floats a0[kVectors], a1[kVectors];
@@ -53,7 +63,7 @@ inline void AddRows(int64_t r0, int64_t r1, int64_t j, float* p0, float* p1, Ter
   }
   for (int64_t r = r0; r < r1; ++r) {
     for (int v = 0; v < kVectors; ++v) {
-      const auto [t0, t1] = terms(r, j + v * kLanes);
+      const auto [t0, t1] = terms(LoadLanes{}, r, j + v * kLanes);
       a0[v] += t0;
       a1[v] += t1;
     }
@@ -64,12 +74,12 @@ inline void AddRows(int64_t r0, int64_t r1, int64_t j, float* p0, float* p1, Ter
   }
 }
 
-// out0[j], out1[j] = sums over rows r of terms(r, j) (16 channels from j) and, for the
-// channels past the last multiple of 16, of scalar(r, j). Each block of kBlockRows rows is
+// out0[j], out1[j] = sums over rows r of terms(.., r, j): 16 channels at a time, then one by
+// one for the channels past the last multiple of 16. Each block of kBlockRows rows is
 // summed in float, 64 channels at a time held in registers (a loop over all channels per
 // row, through memory, ran at half the memory bandwidth XLA's own reductions reach).
-template <typename Terms, typename Scalar>
-void SumRows(int64_t rows, int64_t c, float* out0, float* out1, Terms terms, Scalar scalar) {
+template <typename Terms>
+void SumRows(int64_t rows, int64_t c, float* out0, float* out1, Terms terms) {
   const int threads = omp_get_max_threads();
   std::vector<double> totals(static_cast<size_t>(threads) * 2 * c, 0.0);
   const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
@@ -91,7 +101,7 @@ void SumRows(int64_t rows, int64_t c, float* out0, float* out1, Terms terms, Sca
       for (; j < vector_end; j += kLanes) AddRows<1>(r0, r1, j, p0.data(), p1.data(), terms);
       for (; j < c; ++j) {
         for (int64_t r = r0; r < r1; ++r) {
-          const auto [s0, s1] = scalar(r, j);
+          const auto [s0, s1] = terms(LoadOne{}, r, j);
           p0[j] += s0;
           p1[j] += s1;
         }
@@ -134,12 +144,8 @@ ffi::Error ChannelSums(F32 x, F32Out sum, F32Out sum_sq) {
   const float* xp = x.typed_data();
   std::lock_guard<std::mutex> guard(resnet_jax::KernelLock());
   SumRows(c ? x.element_count() / c : 0, c, sum->typed_data(), sum_sq->typed_data(),
-          [&](int64_t r, int64_t j) {
-            const Floats v = Load(xp + r * c + j);
-            return std::pair{v, v * v};
-          },
-          [&](int64_t r, int64_t j) {
-            const float v = xp[r * c + j];
+          [&](auto load, int64_t r, int64_t j) {
+            const auto v = load(xp + r * c + j);
             return std::pair{v, v * v};
           });
   return ffi::Error::Success();
@@ -156,13 +162,9 @@ ffi::Error CentredSums(F32 dy, F32 x, F32 mean, F32Out sum_dy, F32Out sum_dy_xc)
   const float *gp = dy.typed_data(), *xp = x.typed_data(), *mp = mean.typed_data();
   std::lock_guard<std::mutex> guard(resnet_jax::KernelLock());
   SumRows(c ? x.element_count() / c : 0, c, sum_dy->typed_data(), sum_dy_xc->typed_data(),
-          [&](int64_t r, int64_t j) {
-            const Floats g = Load(gp + r * c + j);
-            return std::pair{g, g * (Load(xp + r * c + j) - Load(mp + j))};
-          },
-          [&](int64_t r, int64_t j) {
-            const float g = gp[r * c + j];
-            return std::pair{g, g * (xp[r * c + j] - mp[j])};
+          [&](auto load, int64_t r, int64_t j) {
+            const auto g = load(gp + r * c + j);
+            return std::pair{g, g * (load(xp + r * c + j) - load(mp + j))};
           });
   return ffi::Error::Success();
 }
