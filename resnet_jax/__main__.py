@@ -6,4 +6,4 @@ lowering.prepare_process()   # before JAX starts; CPU-backend processes only (lo
 
 from resnet_jax.main import main  # noqa: E402
 
-sys.exit(main())
+sys.exit(main(exit_at_once_when_stopped=True))

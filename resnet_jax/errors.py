@@ -28,9 +28,13 @@ class Preempted(Exception):
     return 128 + self.signum   # the shell/scheduler convention for "killed by signal N"
 
 
-class Stopped(Exception):
+class Stopped(BaseException):
   """SIGTERM/SIGINT outside the training loop (start-up, final evaluation): nothing is saved
-  then, and nothing already saved is lost. Exit 128 + the signal."""
+  then, and nothing already saved is lost. Exit 128 + the signal.
+
+  A BaseException, as KeyboardInterrupt is: it is raised wherever the main thread happens to
+  be, and library code that catches Exception must not swallow it (logging's emit did, when
+  the signal came while jax was logging a compile, and the run went on to finish)."""
 
   def __init__(self, signum: int):
     self.signum = signum

@@ -66,6 +66,15 @@ def _holds_no_file(folder: str) -> bool:
   return all(not files for _, _, files in os.walk(folder))
 
 
+def _holds_a_checkpoint(workdir: str) -> bool:
+  """A finished step folder (Orbax names them by the step; a save in progress is a *.orbax-
+  checkpoint-tmp-* folder) in workdir/checkpoints."""
+  try:
+    return any(name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
+  except OSError:
+    return False
+
+
 @contextlib.contextmanager
 def _stop_on_signals():
   """SIGTERM/SIGINT outside the training loop (which saves first: PreemptionWatcher) stop
@@ -81,10 +90,13 @@ def _stop_on_signals():
       signal.signal(sig, handler)
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, exit_at_once_when_stopped: bool = False) -> int:
+  """The command; returns its exit code. `exit_at_once_when_stopped` (the command line's
+  own process only): a run stopped by a signal outside the training loop ends the process
+  right after its line; see _exit_now."""
   argv = sys.argv[1:] if argv is None else argv
   with _stop_on_signals():
-    code = _main(argv)
+    code = _main(argv, exit_at_once_when_stopped)
   # Every orderly ending (done, stopped, bad input: each process gets the same verdict):
   # the run's other processes must not take this one for dead (resnet_jax/peer_watch.py).
   # A crash never gets here; its peers then leave at once.
@@ -101,7 +113,21 @@ def _quiet_library_warnings() -> None:
   logging.getLogger("absl").setLevel(logging.ERROR)
 
 
-def _main(argv) -> int:
+def _exit_now(code: int) -> None:
+  """End the process without interpreter shutdown. A signal stops the main thread where it
+  is, and that can be while a library still works in a thread of its own: jax compiling the
+  step the main thread was waiting for. Shutdown then tears the runtime down under that
+  thread -- a segfault after our line, instead of 128 + the signal (5 of 12 SIGTERMs sent
+  during start-up). Nothing of the run is left to finish by then: the checkpoints and the
+  metrics files were closed on the way out, and the peers are told it is on purpose."""
+  from resnet_jax import distributed
+  distributed.goodbye()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+def _main(argv, exit_at_once_when_stopped: bool = False) -> int:
   _quiet_library_warnings()
   if argv and argv[0] in ("-h", "--help"):
     print(USAGE)
@@ -142,12 +168,16 @@ def _main(argv) -> int:
       distributed.exit_on_peer_failure(e, workdir)
       raise
   except Stopped as e:
-    kept = (f"the newest checkpoint in {workdir} is kept" if workdir and
-            os.path.isdir(os.path.join(workdir, "checkpoints")) else "nothing was written")
-    if created and workdir and os.path.isdir(workdir) and _holds_no_file(workdir):
+    saved = bool(workdir) and _holds_a_checkpoint(workdir)
+    kept = f"the newest checkpoint in {workdir} is kept" if saved else "nothing was saved"
+    if created and workdir and not saved:
+      # This run made the folder and saved nothing in it (its config.json, empty
+      # checkpoint folders): the same command later starts afresh either way.
       shutil.rmtree(workdir, ignore_errors=True)
     print(f"resnet_jax: {e} outside the training loop; {kept} (exit {e.exit_code})",
           file=sys.stderr, flush=True)
+    if exit_at_once_when_stopped:
+      _exit_now(e.exit_code)
     return e.exit_code
   except (ConfigError, NonFiniteError) as e:
     if created and workdir and os.path.isdir(workdir) and _holds_no_file(workdir):
@@ -170,4 +200,4 @@ def _main(argv) -> int:
 if __name__ == "__main__":
   from resnet_jax import lowering
   lowering.prepare_process()   # CPU-backend processes only; see resnet_jax/lowering.py
-  sys.exit(main())
+  sys.exit(main(exit_at_once_when_stopped=True))

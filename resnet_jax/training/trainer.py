@@ -111,6 +111,22 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
          f"in {data.builder.data_dir}/metadata.json)")
   run = setup.build(config, data.inputs)
   warnings = setup.check_durations(config, data.inputs.steps_per_epoch, run.total_steps)
+  pretrained_path = pretrained.resolve_path(config)
+  ckpts = checkpoints.Checkpoints(workdir, config.checkpoint)
+  try:
+    return _train_and_evaluate(config, workdir, data, run, ckpts, pretrained_path, warnings,
+                               allow_config_change=allow_config_change)
+  finally:
+    # Whatever ends the run -- done, refused, or a SIGTERM anywhere in start-up -- Orbax's
+    # managers are closed before the interpreter shuts down: a manager left open (its
+    # clean-up thread still running) crashed the exit after our last line, with a
+    # traceback or a segfault instead of the exit code.
+    ckpts.close()
+
+
+def _train_and_evaluate(config, workdir, data, run, ckpts, pretrained_path, warnings, *,
+                        allow_config_change):
+  """The run once its checkpoints are open; train_and_evaluate closes them."""
   data_cfg, mesh, state_sharding = config.data, run.mesh, run.state_sharding
   nproc = jax.process_count()
   batch = data_cfg.batch_size
@@ -119,29 +135,23 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   eval_every = setup.eval_interval(config, steps_per_epoch)
   num_eval_batches = data.num_eval_batches(eval_batch)
   num_classes, image_shape = data.inputs.num_classes, data.inputs.image_shape
-  pretrained_path = pretrained.resolve_path(config)
 
-  ckpts = checkpoints.Checkpoints(workdir, config.checkpoint)
   identity = {"model": config.model.name, "dataset": data_cfg.dataset,
               "num_classes": num_classes}
   loaded = None
-  try:
-    state, start_step = ckpts.restore_latest(
-        checkpoints.abstract_with_shardings(run.abstract_state, state_sharding),
-        expect=identity)
-    if pretrained_path:
-      pretrained.report_differences(config, image_shape)
-    if state is not None:
-      changes = config_changes(ckpts.read_meta(start_step).get("config", {}), config,
-                               ckpts.directory, start_step, allow=allow_config_change)
-    if state is None and pretrained_path:
-      # A fresh run only: resuming continues from the run's own checkpoint.
-      loaded = pretrained.load_variables(pretrained_path, run.abstract_state,
-                                         num_classes=num_classes, model_name=config.model.name,
-                                         channels=image_shape[-1])
-  except BaseException:
-    ckpts.close()
-    raise
+  state, start_step = ckpts.restore_latest(
+      checkpoints.abstract_with_shardings(run.abstract_state, state_sharding),
+      expect=identity)
+  if pretrained_path:
+    pretrained.report_differences(config, image_shape)
+  if state is not None:
+    changes = config_changes(ckpts.read_meta(start_step).get("config", {}), config,
+                             ckpts.directory, start_step, allow=allow_config_change)
+  if state is None and pretrained_path:
+    # A fresh run only: resuming continues from the run's own checkpoint.
+    loaded = pretrained.load_variables(pretrained_path, run.abstract_state,
+                                       num_classes=num_classes, model_name=config.model.name,
+                                       channels=image_shape[-1])
   # After the checks above, so a refused run changes nothing; an evaluation leaves the
   # training run's record alone.
   if not (config.eval_only and os.path.exists(os.path.join(workdir, "config.json"))):
@@ -295,7 +305,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     result = evaluate(final_step)
   finally:
     watcher.close()
-    ckpts.close()
+    ckpts.close()   # before the results are written: pending async saves are on disk
     log.close()
   result = dict(result, step=final_step, train_seconds=round(train_seconds, 1),
                 param_bytes_per_device=param_bytes, param_bytes_total=param_bytes_total,
