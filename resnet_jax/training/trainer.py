@@ -220,7 +220,6 @@ def _train_and_evaluate(config, workdir, data, run, ckpts, pretrained_path, warn
 
   if config.eval_only:
     fresh = loaded is None and ckpts.latest_step() is None
-    ckpts.close()
     if fresh:
       _log("eval_only: evaluating freshly initialised weights (no model.pretrained and no "
            "checkpoint in the workdir)")
@@ -288,7 +287,6 @@ def _train_and_evaluate(config, workdir, data, run, ckpts, pretrained_path, warn
         if ckpts.latest_step() != step + 1:
           save(step + 1, metrics, force=True)
         log_train(pending, final=True)
-        ckpts.close()
         raise Preempted(step + 1, watcher.signum)
     if pending is not None:
       log_train(pending, final=True)
